@@ -1,0 +1,227 @@
+"""One typed config tree for every entry point, with presets, YAML files and `key=value` overrides.
+
+OmegaConf merges the layers (defaults ← preset ← `--config FILE` ← command-line `key=value`), and
+pydantic validates the merged tree against the typed models below, so a wrong key or an impossible
+value is a one-line error naming the field before anything heavy (Ray, torch models, eSpeak) starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PresetName = Literal["smoke", "tiny", "paper"]
+StageName = Literal["data", "pretrain", "easpm", "judges", "align", "evaluate"]
+
+#: Stages in pipeline order. Later issues implement the rest; asking for one that does not exist yet
+#: is a config error rather than a silent no-op.
+ALL_STAGES: tuple[str, ...] = ("data", "pretrain", "easpm", "judges", "align", "evaluate")
+IMPLEMENTED_STAGES: tuple[str, ...] = ("data",)
+
+#: eSpeak NG voices used as speakers of the synthetic corpus: two accents and male/female variants,
+#: so speakers differ in pitch, timbre and vowel quality as real ones do.
+DEFAULT_VOICES: tuple[str, ...] = (
+    "en-us+m3", "en-us+f3", "en+m1", "en+f2", "en-us+m7", "en-gb-x-rp+f4",
+    "en-us+f5", "en-gb-scotland+m4", "en-us-nyc+m2", "en-029+f1",
+)
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line that names the field."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SyntheticCorpusConfig(_Strict):
+    """The embedded eSpeak NG corpus, written in the ESD layout (see `rlhf_tts.data.synthetic`)."""
+
+    n_speakers: int = Field(5, ge=1, le=len(DEFAULT_VOICES))
+    sentences_per_speaker: int = Field(84, ge=3, description="each spoken in all five emotions, as in ESD")
+    intensity_min: float = Field(0.3, ge=0.0, le=1.0)
+    intensity_max: float = Field(1.0, ge=0.0, le=1.0)
+    utterance_jitter: float = Field(0.06, ge=0.0, le=0.5, description="std of per-utterance VAD noise")
+    word_jitter: float = Field(0.08, ge=0.0, le=0.5, description="std of per-word VAD noise")
+    num_workers: int = Field(2, ge=1, description="processes; each holds its own eSpeak engine")
+
+    @model_validator(mode="after")
+    def _intensity_order(self) -> "SyntheticCorpusConfig":
+        if self.intensity_min > self.intensity_max:
+            raise ValueError("intensity_min must not exceed intensity_max")
+        return self
+
+
+class DataConfig(_Strict):
+    source: Literal["synthetic", "esd"] = "synthetic"
+    root: str | None = Field(None, description="ESD-layout folder; required when source=esd")
+    speakers: list[str] | None = Field(None, description="speaker folders to read; None = all")
+    val_fraction: float = Field(0.08, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.12, gt=0.0, lt=0.5)
+    min_duration_s: float = Field(0.3, gt=0.0)
+    max_duration_s: float = Field(20.0, gt=0.0)
+    silence_peak: float = Field(1e-3, ge=0.0, lt=1.0, description="peak |amplitude| below this is silent")
+    num_workers: int = Field(2, ge=1, description="processes that decode audio and compute mels")
+    synthetic: SyntheticCorpusConfig = SyntheticCorpusConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.source == "esd":
+            if not self.root:
+                raise ValueError("root: data.source=esd needs data.root=DIR (an ESD-layout folder)")
+            if not Path(self.root).expanduser().is_dir():
+                raise ValueError(f"root: {self.root!r} is not a directory")
+        if self.min_duration_s >= self.max_duration_s:
+            raise ValueError("min_duration_s must be below max_duration_s")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("val_fraction + test_fraction leaves too little training data")
+        return self
+
+
+class FeatureConfig(_Strict):
+    """Log-mel features in the Grad-TTS / HiFi-GAN convention, so a stock HiFi-GAN can vocode them."""
+
+    sample_rate: int = Field(22050, gt=0)
+    n_fft: int = Field(1024, gt=0)
+    hop_length: int = Field(256, gt=0)
+    win_length: int = Field(1024, gt=0)
+    n_mels: int = Field(80, gt=0)
+    f_min: float = Field(0.0, ge=0.0)
+    f_max: float = Field(8000.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FeatureConfig":
+        if self.f_max > self.sample_rate / 2:
+            raise ValueError(f"f_max: {self.f_max} is above the Nyquist frequency {self.sample_rate / 2}")
+        if self.f_min >= self.f_max:
+            raise ValueError("f_min must be below f_max")
+        if self.win_length > self.n_fft:
+            raise ValueError("win_length must not exceed n_fft")
+        if self.hop_length > self.win_length:
+            raise ValueError("hop_length must not exceed win_length")
+        return self
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    experiment: str = "rlhf_tts"
+    tracking_uri: str | None = Field(
+        None, description="None: $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db"
+    )
+
+
+def _default_cache_dir() -> str:
+    return os.environ.get("RLHF_TTS_CACHE_DIR", str(Path("~/.cache/rlhf_tts").expanduser()))
+
+
+class RunConfig(_Strict):
+    preset: PresetName = "tiny"
+    seed: int = 0
+    stages: list[StageName] = Field(default_factory=lambda: list(IMPLEMENTED_STAGES))
+    output_dir: str = "outputs"
+    cache_dir: str = Field(default_factory=_default_cache_dir)
+    data: DataConfig = DataConfig()
+    features: FeatureConfig = FeatureConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _stages(self) -> "RunConfig":
+        missing = [s for s in self.stages if s not in IMPLEMENTED_STAGES]
+        if missing:
+            raise ValueError(
+                f"stages: {', '.join(missing)} not implemented in this version "
+                f"(available: {', '.join(IMPLEMENTED_STAGES)})"
+            )
+        if not self.stages:
+            raise ValueError("stages: empty; give at least one of " + ", ".join(IMPLEMENTED_STAGES))
+        return self
+
+
+#: Preset overrides on top of the model defaults (which are the `tiny` values).
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"data": {"synthetic": {"n_speakers": 4, "sentences_per_speaker": 4}}},
+    "tiny": {},
+    # Published sizes: ESD English has 10 speakers x 350 sentences x 5 emotions.
+    "paper": {"data": {"synthetic": {"n_speakers": 10, "sentences_per_speaker": 350}}},
+}
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        msg = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            msg = "unknown key"
+        # A model validator reports at its model's path; its message may start with the field.
+        field, sep, rest = msg.partition(": ")
+        if sep and " " not in field:
+            loc = f"{loc}.{field}" if loc else field
+            msg = rest
+        lines.append(f"{loc}: {msg}" if loc else msg)
+    return lines[0] + (f" (and {len(lines) - 1} more)" if len(lines) > 1 else "")
+
+
+def _parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{item!r}: overrides are key=value, e.g. preset=smoke or data.root=DIR")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"overrides: {str(err).splitlines()[0]}") from err
+
+
+def _load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config: {str(file)!r} does not exist")
+    try:
+        loaded = OmegaConf.to_container(OmegaConf.load(file), resolve=True)
+    except Exception as err:  # noqa: BLE001 - YAML errors come in many types; all are one line here
+        raise ConfigError(f"--config {file}: not valid YAML ({str(err).splitlines()[0]})") from err
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"--config {file}: the top level must be a mapping of keys")
+    return loaded
+
+
+def load_config(config_file: str | os.PathLike[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Merge defaults, the preset, an optional YAML file and `key=value` overrides; validate."""
+    file_layer = _load_yaml(config_file) if config_file else {}
+    cli_layer = _parse_overrides(overrides or [])
+    preset = cli_layer.get("preset", file_layer.get("preset", "tiny"))
+    if preset not in PRESETS:
+        raise ConfigError(f"preset: {preset!r} is not one of {', '.join(PRESETS)}")
+    merged = OmegaConf.merge(
+        OmegaConf.create(PRESETS[preset]), OmegaConf.create(file_layer), OmegaConf.create(cli_layer)
+    )
+    raw = OmegaConf.to_container(merged, resolve=True)
+    raw["preset"] = preset  # type: ignore[index]
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def to_yaml(cfg: BaseModel) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump(mode="json")))
+
+
+def stable_hash(*parts: Any, length: int = 12) -> str:
+    """A hash of JSON-able parts (pydantic models allowed) that is stable across runs and machines."""
+
+    def plain(part: Any) -> Any:
+        return part.model_dump(mode="json") if isinstance(part, BaseModel) else part
+
+    blob = json.dumps([plain(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]

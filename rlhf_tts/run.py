@@ -1,0 +1,125 @@
+"""The main job: `python -m rlhf_tts.run [--config FILE.yaml] [key=value ...]`.
+
+Runs the configured stages in order (today: `data`; pretrain, easpm, judges, align and evaluate
+arrive with later versions). The config is validated before anything heavy starts; a bad key or
+value is a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rlhf_tts.config import ALL_STAGES, IMPLEMENTED_STAGES, ConfigError, RunConfig, load_config, to_yaml
+
+EXIT_CONFIG_ERROR = 2
+EXIT_DATA_ERROR = 3
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rlhf_tts.run",
+        description="Run the rlhf_tts pipeline. Overrides are key=value, e.g. preset=smoke stages=[data] "
+        "data.source=esd data.root=DIR output_dir=DIR cache_dir=DIR.",
+    )
+    parser.add_argument("--config", help="YAML file with config keys (merged over the preset)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return parser
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+
+
+class StageProgress:
+    """Adapts the stages' `(label, done, total)` callbacks to one rich bar per label."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, tuple[TaskID, float]] = {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = (self.progress.add_task(label, total=total, rate=""), time.monotonic())
+        task, start = self.tasks[label]
+        elapsed = max(time.monotonic() - start, 1e-6)
+        self.progress.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f}/s")
+
+
+def run_data_stage(cfg: RunConfig, console: Console, tracker) -> dict:  # noqa: ANN001 - Tracker
+    from rlhf_tts.data.pipeline import NoUsableDataError, build_dataset, manifest_rows, publish
+    from rlhf_tts.data.quarantine import Quarantine
+    from rlhf_tts.data.summary import summarize, summary_table, write_summary
+
+    start = time.monotonic()
+    with progress_bar(console) as progress:
+        try:
+            dataset = build_dataset(cfg, StageProgress(progress))
+        except NoUsableDataError as err:
+            err.quarantine.write_csv(Path(cfg.output_dir) / "quarantine.csv")
+            raise
+    publish(dataset, cfg.output_dir)
+    rows = manifest_rows(dataset)
+    summary = summarize(rows, Quarantine.read_csv(dataset.quarantine_path))
+    summary["dataset_dir"] = str(dataset.directory)
+    summary["corpus_root"] = str(dataset.corpus_root)
+    summary["seconds"] = round(time.monotonic() - start, 2)
+    write_summary(summary, cfg.output_dir)
+    console.print(summary_table(summary))
+    console.print(
+        f"splits: {summary['per_split']}; quarantined: {summary['quarantined']} "
+        f"{summary['quarantine_reasons'] or ''} → {Path(cfg.output_dir) / 'quarantine.csv'}"
+    )
+    console.print(f"manifest: {Path(cfg.output_dir) / 'manifest.parquet'} (dataset cache {dataset.directory})")
+    tracker.log_metrics({"data/utterances": summary["utterances"], "data/hours": summary["hours"],
+                         "data/quarantined": summary["quarantined"], "data/seconds": summary["seconds"]})
+    for name in ("data_summary.md", "quarantine.csv"):
+        tracker.log_artifact(Path(cfg.output_dir) / name, "data")
+    return summary
+
+
+STAGE_RUNNERS = {"data": run_data_stage}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    console = Console(stderr=False)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    console.rule(f"rlhf_tts.run · preset {cfg.preset}")
+    console.print(to_yaml(cfg), highlight=False)
+    pending = [s for s in ALL_STAGES if s not in IMPLEMENTED_STAGES]
+    console.print(f"stages: {', '.join(cfg.stages)}  (not yet in this version: {', '.join(pending)})")
+
+    from rlhf_tts.data.pipeline import NoUsableDataError
+    from rlhf_tts.tracking import tracked_run
+
+    with tracked_run(cfg, run_name=f"run-{cfg.preset}") as tracker:
+        for stage in cfg.stages:
+            console.rule(f"stage {stage}")
+            try:
+                STAGE_RUNNERS[stage](cfg, console, tracker)
+            except NoUsableDataError as err:
+                print(f"data error: {err} (see {out / 'quarantine.csv'})", file=sys.stderr)
+                return EXIT_DATA_ERROR
+    console.print(f"[green]done[/green]: outputs in {out.resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
