@@ -22,20 +22,23 @@ EMOTION_INDEX: dict[str, int] = {name: i for i, name in enumerate(EMOTIONS)}
 EMOTION_VAD: dict[str, tuple[float, float, float]] = {
     "Neutral": (0.50, 0.35, 0.50),
     "Angry": (0.15, 0.85, 0.85),
-    "Happy": (0.85, 0.70, 0.60),
-    "Sad": (0.15, 0.20, 0.25),
-    "Surprise": (0.70, 0.85, 0.45),
+    "Happy": (0.85, 0.65, 0.60),
+    "Sad": (0.15, 0.15, 0.25),
+    "Surprise": (0.70, 0.90, 0.30),
 }
 
 #: Rows: pitch (% change), pitch range (% change), rate (% of normal, minus 100), volume (% minus 100);
-#: columns: change of (valence, arousal, dominance) from Neutral. Arousal raises everything, valence
-#: raises pitch and range, dominance adds loudness and lowers pitch.
+#: columns: change of (valence, arousal, dominance) from Neutral. Arousal raises pitch, range and
+#: loudness; valence widens the range and quickens the rate; dominance is loud, fast and flat (low
+#: pitch, narrow range). The nominal points then land on the acoustic profiles reported for acted
+#: speech: anger loud, happiness fast and lively, sadness low, narrow, slow and quiet, surprise high
+#: and wide.
 _VAD_TO_PROSODY = np.array(
     [
-        [25.0, 40.0, -20.0],
-        [60.0, 150.0, 0.0],
-        [0.0, 40.0, 30.0],
-        [0.0, 80.0, 60.0],
+        [20.0, 60.0, -40.0],
+        [80.0, 120.0, -60.0],
+        [40.0, 30.0, 40.0],
+        [0.0, 60.0, 100.0],
     ]
 )
 _NEUTRAL = np.array(EMOTION_VAD["Neutral"])

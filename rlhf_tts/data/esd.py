@@ -72,11 +72,11 @@ def read_transcript(path: Path) -> tuple[dict[str, TranscriptLine], list[Quarant
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        parts = line.rstrip("\r\n").split("\t")
-        if len(parts) < 2:
-            parts = line.strip().split(None, 1)
-        utt_id = parts[0].strip()
-        rest = [p.strip() for p in parts[1:]]
+        if "\t" in line:
+            utt_id, *rest = (p.strip() for p in line.split("\t"))
+        else:  # whitespace-separated: the last token may be the emotion
+            utt_id, *tokens = line.split()
+            rest = [" ".join(tokens[:-1]), tokens[-1]] if len(tokens) > 1 else tokens
         emotion = None
         if len(rest) >= 2 and rest[-1].lower() in _EMOTION_BY_LOWER:
             emotion = _EMOTION_BY_LOWER[rest[-1].lower()]
@@ -134,13 +134,13 @@ def scan_esd(root: str | Path, speakers: list[str] | None = None) -> tuple[list[
             for wav in sorted(emo_dir.rglob("*")):
                 if not wav.is_file() or wav.suffix.lower() != ".wav" or wav.name.startswith("."):
                     continue
+                utt_id = wav.stem
+                seen.add(utt_id)
                 if emotion is None:
                     quarantined.append(QuarantinedItem(
                         str(wav), f"unknown emotion directory '{emo_dir.name}' (expected one of {', '.join(EMOTIONS)})"
                     ))
                     continue
-                utt_id = wav.stem
-                seen.add(utt_id)
                 if utt_id in bad_ids:
                     line_defect = bad_ids[utt_id]
                     quarantined.append(QuarantinedItem(str(wav), f"{line_defect.reason} ({line_defect.path})"))

@@ -29,7 +29,8 @@ class LogMel(torch.nn.Module):
         """(..., samples) float audio in [-1, 1] → (..., n_mels, frames) log-mel."""
         pad = (self.cfg.n_fft - self.cfg.hop_length) // 2
         shape = audio.shape[:-1]
-        x = torch.nn.functional.pad(audio.reshape(-1, 1, audio.shape[-1]), (pad, pad), mode="reflect").squeeze(1)
+        mode = "reflect" if audio.shape[-1] > pad else "constant"  # reflect needs more samples than pad
+        x = torch.nn.functional.pad(audio.reshape(-1, 1, audio.shape[-1]), (pad, pad), mode=mode).squeeze(1)
         spec = torch.stft(
             x, self.cfg.n_fft, hop_length=self.cfg.hop_length, win_length=self.cfg.win_length,
             window=self.window, center=False, return_complex=True,

@@ -118,7 +118,7 @@ def _init_worker() -> None:
 
 
 def _map(items: list, workers: int) -> Iterator[dict[str, Any]]:
-    if workers <= 1 or len(items) < 64:
+    if workers <= 1 or len(items) < 500:  # below this, starting workers (torch import) costs more
         yield from map(_process, items)
         return
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:

@@ -54,7 +54,7 @@ def build_ssml(words: list[str], vads: np.ndarray) -> tuple[str, list[dict]]:
     for i, (word, vad) in enumerate(zip(words, vads)):
         prosody = prosody_from_vad(vad)
         parts.append(f'<prosody {prosody.ssml_attributes()}><mark name="w{i}"/>{escape(word)}</prosody>')
-        recorded = vad_from_prosody(prosody)
+        recorded = np.clip(vad_from_prosody(prosody), 0.0, 1.0)  # rounding can step just outside
         annotations.append({
             "word": word,
             "vad": [round(float(v), 6) for v in recorded],
@@ -105,11 +105,14 @@ def _jobs(cfg: SyntheticCorpusConfig, seed: int, out_dir: Path) -> list[_Job]:
 
 
 def _run_jobs(jobs: list[_Job], workers: int) -> Iterator[list[tuple[str, str, dict]]]:
-    if workers <= 1 or len(jobs) <= 1:
-        yield from map(_synthesize_job, jobs)
-        return
-    # spawn: eSpeak and torch both keep process-global state that must not be forked mid-use.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    """Each job in a fresh process, whatever the worker count.
+
+    eSpeak NG's waveform generator keeps state across utterances that neither re-initialising nor
+    seeding resets (the same text spoken twice in one process differs by a few samples), so the
+    audio of a job depends on what its process spoke before. A fresh process per job makes the
+    corpus a function of the config alone. Spawn, not fork: torch and eSpeak hold global state.
+    """
+    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as pool:
         yield from pool.map(_synthesize_job, jobs)
 
 
