@@ -23,7 +23,7 @@ StageName = Literal["data", "pretrain", "easpm", "judges", "align", "evaluate"]
 #: Stages in pipeline order. Later issues implement the rest; asking for one that does not exist yet
 #: is a config error rather than a silent no-op.
 ALL_STAGES: tuple[str, ...] = ("data", "pretrain", "easpm", "judges", "align", "evaluate")
-IMPLEMENTED_STAGES: tuple[str, ...] = ("data",)
+IMPLEMENTED_STAGES: tuple[str, ...] = ("data", "pretrain")
 
 #: eSpeak NG voices used as speakers of the synthetic corpus: four accents, male and female variants,
 #: so speakers differ in pitch, timbre and vowel quality as real ones do. Variants with a `breath`
@@ -110,6 +110,58 @@ class FeatureConfig(_Strict):
         return self
 
 
+class GradTTSConfig(_Strict):
+    """Grad-TTS sizes. Defaults are the CPU-trainable `tiny` model; `paper` restores Popov et al.'s."""
+
+    encoder_channels: int = Field(96, ge=8)
+    encoder_filter_channels: int = Field(256, ge=8)
+    encoder_layers: int = Field(3, ge=1)
+    encoder_heads: int = Field(2, ge=1)
+    encoder_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    duration_filter_channels: int = Field(128, ge=8)
+    decoder_dim: int = Field(16, ge=8, description="U-Net base width; GroupNorm needs a multiple of 8")
+    decoder_dim_mults: list[int] = Field(default_factory=lambda: [1, 2, 4])
+    decoder_attention_heads: int = Field(2, ge=1, description="Grad-TTS: 4")
+    decoder_attention_dim_head: int = Field(16, ge=1, description="Grad-TTS: 32; the main CPU cost at full resolution")
+    speaker_dim: int = Field(32, ge=1)
+    emotion_dim: int = Field(32, ge=1)
+    emotion_dropout: float = Field(
+        0.1, ge=0.0, lt=1.0, description="label dropout on the decoder's emotion: enables classifier-free guidance"
+    )
+    beta_min: float = Field(0.05, gt=0.0)
+    beta_max: float = Field(20.0, gt=0.0)
+    pe_scale: float = Field(1000.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GradTTSConfig":
+        if self.decoder_dim % 8:
+            raise ValueError("decoder_dim must be a multiple of 8 (GroupNorm groups)")
+        if self.encoder_channels % self.encoder_heads:
+            raise ValueError("encoder_channels must be divisible by encoder_heads")
+        if self.speaker_dim != self.emotion_dim:
+            raise ValueError("speaker_dim and emotion_dim must match (their embeddings are summed)")
+        if self.beta_min >= self.beta_max:
+            raise ValueError("beta_min must be below beta_max")
+        if not self.decoder_dim_mults or any(m < 1 for m in self.decoder_dim_mults):
+            raise ValueError("decoder_dim_mults must be positive integers")
+        return self
+
+
+class PretrainConfig(_Strict):
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(2e-4, gt=0.0)
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    segment_frames: int = Field(64, ge=8, description="random decoder crop (Grad-TTS's out_size is 2 s ≈ 172)")
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(25, ge=1)
+    sample_every: int = Field(1000, ge=1, description="log sample mels and audio per emotion to MLflow")
+    sample_steps: int = Field(20, ge=1)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+
 class TrackingConfig(_Strict):
     enabled: bool = True
     experiment: str = "rlhf_tts"
@@ -130,6 +182,8 @@ class RunConfig(_Strict):
     cache_dir: str = Field(default_factory=_default_cache_dir)
     data: DataConfig = DataConfig()
     features: FeatureConfig = FeatureConfig()
+    model: GradTTSConfig = GradTTSConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
@@ -142,15 +196,35 @@ class RunConfig(_Strict):
             )
         if not self.stages:
             raise ValueError("stages: empty; give at least one of " + ", ".join(IMPLEMENTED_STAGES))
+        multiple = 2 ** (len(self.model.decoder_dim_mults) - 1)
+        if self.features.n_mels % multiple:
+            raise ValueError(f"features.n_mels: {self.features.n_mels} must be divisible by {multiple} for the U-Net")
+        if self.pretrain.segment_frames % multiple:
+            raise ValueError(f"pretrain.segment_frames: must be a multiple of {multiple} for the U-Net")
         return self
 
 
 #: Preset overrides on top of the model defaults (which are the `tiny` values).
 PRESETS: dict[str, dict[str, Any]] = {
-    "smoke": {"data": {"synthetic": {"n_speakers": 4, "sentences_per_speaker": 4}}},
+    "smoke": {
+        "data": {"synthetic": {"n_speakers": 4, "sentences_per_speaker": 4}},
+        "model": {"encoder_channels": 32, "encoder_filter_channels": 64, "encoder_layers": 1,
+                  "duration_filter_channels": 32, "decoder_dim": 8, "decoder_dim_mults": [1, 2],
+                  "speaker_dim": 8, "emotion_dim": 8},
+        "pretrain": {"steps": 12, "batch_size": 8, "segment_frames": 64, "checkpoint_every": 6,
+                     "log_every": 2, "sample_every": 12, "sample_steps": 4},
+    },
     "tiny": {},
-    # Published sizes: ESD English has 10 speakers x 350 sentences x 5 emotions.
-    "paper": {"data": {"synthetic": {"n_speakers": 10, "sentences_per_speaker": 350}}},
+    # Published sizes: ESD English has 10 speakers x 350 sentences x 5 emotions; Grad-TTS's encoder
+    # has 192 channels and 6 layers, its decoder base width 64 with multipliers (1, 2, 4).
+    "paper": {
+        "data": {"synthetic": {"n_speakers": 10, "sentences_per_speaker": 350}},
+        "model": {"encoder_channels": 192, "encoder_filter_channels": 768, "encoder_layers": 6,
+                  "duration_filter_channels": 256, "decoder_dim": 64, "decoder_attention_heads": 4,
+                  "decoder_attention_dim_head": 32, "speaker_dim": 64, "emotion_dim": 64},
+        "pretrain": {"steps": 200000, "batch_size": 32, "lr": 1e-4, "segment_frames": 172,
+                     "checkpoint_every": 5000, "log_every": 100, "sample_every": 10000, "sample_steps": 50},
+    },
 }
 
 

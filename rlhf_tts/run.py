@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
         "data.source=esd data.root=DIR output_dir=DIR cache_dir=DIR.",
     )
     parser.add_argument("--config", help="YAML file with config keys (merged over the preset)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted stage from its latest checkpoint instead of starting it again")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser
 
@@ -36,6 +38,7 @@ def progress_bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
         console=console, transient=False,
     )
 
@@ -45,17 +48,18 @@ class StageProgress:
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.tasks: dict[str, tuple[TaskID, float]] = {}
+        self.tasks: dict[str, tuple[TaskID, float, int]] = {}
 
-    def __call__(self, label: str, done: int, total: int) -> None:
+    def __call__(self, label: str, done: int, total: int, info: str = "") -> None:
         if label not in self.tasks:
-            self.tasks[label] = (self.progress.add_task(label, total=total, rate=""), time.monotonic())
-        task, start = self.tasks[label]
+            # A resumed stage starts part-way: the rate counts only this run's work.
+            self.tasks[label] = (self.progress.add_task(label, total=total, rate="", info=""), time.monotonic(), done)
+        task, start, first = self.tasks[label]
         elapsed = max(time.monotonic() - start, 1e-6)
-        self.progress.update(task, completed=done, total=total, rate=f"{done / elapsed:.1f}/s")
+        self.progress.update(task, completed=done, total=total, rate=f"{(done - first) / elapsed:.2f}/s", info=info)
 
 
-def run_data_stage(cfg: RunConfig, console: Console, tracker) -> dict:  # noqa: ANN001 - Tracker
+def run_data_stage(cfg: RunConfig, console: Console, tracker, resume: bool = False) -> dict:  # noqa: ANN001
     from rlhf_tts.data.pipeline import NoUsableDataError, build_dataset, manifest_rows, publish
     from rlhf_tts.data.quarantine import Quarantine
     from rlhf_tts.data.summary import summarize, summary_table, write_summary
@@ -87,7 +91,19 @@ def run_data_stage(cfg: RunConfig, console: Console, tracker) -> dict:  # noqa: 
     return summary
 
 
-STAGE_RUNNERS = {"data": run_data_stage}
+def run_pretrain_stage(cfg: RunConfig, console: Console, tracker, resume: bool = False) -> dict:  # noqa: ANN001
+    from rlhf_tts.data.pipeline import build_dataset
+    from rlhf_tts.training.pretrain import run_pretraining
+
+    dataset = build_dataset(cfg)  # cached by the data stage: a lookup, not a rebuild
+    start = time.monotonic()
+    with progress_bar(console) as progress:
+        base = run_pretraining(cfg, dataset.directory, resume=resume, progress=StageProgress(progress), tracker=tracker)
+    console.print(f"base model: {base.final} ({time.monotonic() - start:.0f} s)")
+    return {"base_model": str(base.final)}
+
+
+STAGE_RUNNERS = {"data": run_data_stage, "pretrain": run_pretrain_stage}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         for stage in cfg.stages:
             console.rule(f"stage {stage}")
             try:
-                STAGE_RUNNERS[stage](cfg, console, tracker)
+                STAGE_RUNNERS[stage](cfg, console, tracker, resume=args.resume)
             except NoUsableDataError as err:
                 print(f"data error: {err} (see {out / 'quarantine.csv'})", file=sys.stderr)
                 return EXIT_DATA_ERROR

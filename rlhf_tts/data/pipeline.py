@@ -26,7 +26,7 @@ from rlhf_tts.data.features import LogMel, log_mel
 from rlhf_tts.data.frontend import SYMBOL_TABLE_VERSION, FrontendError, SymbolTable, phonemize
 from rlhf_tts.data.manifest import read_manifest, write_manifest
 from rlhf_tts.data.quarantine import Quarantine
-from rlhf_tts.data.synthetic import build_synthetic_corpus, synthetic_corpus_key
+from rlhf_tts.data.synthetic import build_synthetic_corpus, synthetic_corpus_dir
 
 #: Bump when the stage's output changes for the same inputs.
 DATA_STAGE_VERSION = 1
@@ -164,21 +164,26 @@ def dataset_key(cfg: RunConfig, corpus_id: str) -> str:
     return stable_hash(data, cfg.features, cfg.seed, corpus_id, DATA_STAGE_VERSION)
 
 
-def build_dataset(cfg: RunConfig, progress: ProgressFn | None = None) -> Dataset:
-    """Build or reuse the dataset for `cfg`; raise NoUsableDataError if nothing usable remains."""
-    report = progress or (lambda stage, done, total: None)
+def dataset_location(cfg: RunConfig) -> tuple[Dataset, str]:
+    """Where the dataset for `cfg` is (or will be) cached, without building anything."""
     if cfg.data.source == "synthetic":
-        corpus = build_synthetic_corpus(
-            cfg.data.synthetic, cfg.seed, cfg.cache_dir, lambda d, t: report("synthesise corpus", d, t)
-        )
-        corpus_id = "synthetic-" + synthetic_corpus_key(cfg.data.synthetic, cfg.seed)
+        corpus = synthetic_corpus_dir(cfg.data.synthetic, cfg.seed, cfg.cache_dir)
+        corpus_id = corpus.name
     else:
         corpus = Path(cfg.data.root).expanduser().resolve()  # type: ignore[arg-type]
         corpus_id = f"{corpus}#{_tree_fingerprint(corpus, cfg.data.speakers)}"
-    directory = Path(cfg.cache_dir) / "data" / dataset_key(cfg, corpus_id)
-    dataset = Dataset(directory=directory, corpus_root=corpus)
+    return Dataset(Path(cfg.cache_dir) / "data" / dataset_key(cfg, corpus_id), corpus), corpus_id
+
+
+def build_dataset(cfg: RunConfig, progress: ProgressFn | None = None) -> Dataset:
+    """Build or reuse the dataset for `cfg`; raise NoUsableDataError if nothing usable remains."""
+    report = progress or (lambda stage, done, total: None)
+    dataset, corpus_id = dataset_location(cfg)
     if dataset.manifest_path.is_file():
         return dataset
+    if cfg.data.source == "synthetic":
+        build_synthetic_corpus(cfg.data.synthetic, cfg.seed, cfg.cache_dir, lambda d, t: report("synthesise corpus", d, t))
+    corpus, directory = dataset.corpus_root, dataset.directory
 
     records, scan_defects = scan_esd(corpus, cfg.data.speakers)
     quarantine = Quarantine()

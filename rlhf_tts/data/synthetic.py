@@ -94,6 +94,10 @@ def synthetic_corpus_key(cfg: SyntheticCorpusConfig, seed: int) -> str:
     return stable_hash(cfg.model_dump(exclude={"num_workers"}), seed, SYNTHETIC_CORPUS_VERSION)
 
 
+def synthetic_corpus_dir(cfg: SyntheticCorpusConfig, seed: int, cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "corpus" / f"synthetic-{synthetic_corpus_key(cfg, seed)}"
+
+
 def _jobs(cfg: SyntheticCorpusConfig, seed: int, out_dir: Path) -> list[_Job]:
     n = cfg.sentences_per_speaker
     sentences = generate_sentences(cfg.n_speakers * n, seed)
@@ -126,7 +130,7 @@ def build_synthetic_corpus(
 
     Written to a temporary folder and renamed into place, so an interrupted build is never reused.
     """
-    root = Path(cache_dir) / "corpus" / f"synthetic-{synthetic_corpus_key(cfg, seed)}"
+    root = synthetic_corpus_dir(cfg, seed, cache_dir)
     if (root / _DONE_MARKER).is_file():
         return root
     tmp = root.with_name(root.name + f".tmp-{os.getpid()}")

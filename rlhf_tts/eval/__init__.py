@@ -1,0 +1,1 @@
+"""Evaluation: judges no training loop optimises, metrics, plots and reports."""

@@ -1,0 +1,1 @@
+"""Acoustic models trained and fine-tuned by rlhf_tts."""

@@ -1,0 +1,1 @@
+"""Grad-TTS: score-based text-to-speech acoustic model."""

@@ -1,0 +1,144 @@
+"""Grad-TTS's score network: a 2-D U-Net over (mel bins × frames) with `mu` as an input channel.
+
+Follows Popov et al. (2021) / the official GradLogPEstimator2d: ResNet blocks with a time embedding,
+linear attention with ReZero, stride-2 down/up-sampling, masks carried through every level. Speaker
+and emotion enter as in Grad-TTS's multi-speaker model (an extra input channel made from the
+condition vector) and, additionally, through the time embedding, which conditions every block.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+Tensor = torch.Tensor
+
+
+class SinusoidalPosEmb(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def forward(self, t: Tensor, scale: float = 1000.0) -> Tensor:
+        half = self.dim // 2
+        freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
+        angles = scale * t.float().unsqueeze(1) * freqs.unsqueeze(0)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, dim_out: int, groups: int = 8) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out), nn.Mish())
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        return self.block(x * mask) * mask
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_emb_dim, dim_out))
+        self.block1 = Block(dim, dim_out, groups)
+        self.block2 = Block(dim_out, dim_out, groups)
+        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+
+    def forward(self, x: Tensor, mask: Tensor, time_emb: Tensor) -> Tensor:
+        h = self.block1(x, mask) + self.mlp(time_emb).unsqueeze(-1).unsqueeze(-1)
+        return self.block2(h, mask) + self.res_conv(x * mask)
+
+
+class LinearAttention(nn.Module):
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32) -> None:
+        super().__init__()
+        self.heads = heads
+        hidden = heads * dim_head
+        self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
+        self.to_out = nn.Conv2d(hidden, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        q, k, v = self.to_qkv(x).reshape(b, 3, self.heads, -1, h * w).unbind(1)
+        k = k.softmax(dim=-1)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        out = torch.einsum("bhde,bhdn->bhen", context, q)
+        return self.to_out(out.reshape(b, -1, h, w))
+
+
+class ReZeroAttention(nn.Module):
+    """x + g · attention(x), g initialised to zero so training starts from the plain ResNet."""
+
+    def __init__(self, dim: int, heads: int = 4, dim_head: int = 32) -> None:
+        super().__init__()
+        self.attention = LinearAttention(dim, heads, dim_head)
+        self.g = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.g * self.attention(x)
+
+
+class ScoreUNet(nn.Module):
+    """s_theta(X_t, mu, t, cond): (B, n_feats, T) → (B, n_feats, T); T must be a multiple of `length_multiple`."""
+
+    def __init__(
+        self, dim: int, dim_mults: tuple[int, ...], cond_dim: int, n_feats: int = 80, pe_scale: float = 1000.0,
+        attention_heads: int = 4, attention_dim_head: int = 32,
+    ) -> None:
+        super().__init__()
+        attention = lambda d: ReZeroAttention(d, attention_heads, attention_dim_head)  # noqa: E731
+        self.pe_scale = pe_scale
+        self.length_multiple = 2 ** (len(dim_mults) - 1)
+        if n_feats % self.length_multiple:
+            raise ValueError(f"n_feats={n_feats} must be divisible by {self.length_multiple} for dim_mults={dim_mults}")
+        self.cond_channel = nn.Sequential(nn.Linear(cond_dim, 4 * cond_dim), nn.Mish(), nn.Linear(4 * cond_dim, n_feats))
+        self.time_pos_emb = SinusoidalPosEmb(dim)
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))
+        self.cond_to_time = nn.Linear(cond_dim, dim)
+        dims = [3, *(dim * m for m in dim_mults)]
+        in_out = list(zip(dims[:-1], dims[1:]))
+        self.downs = nn.ModuleList()
+        self.ups = nn.ModuleList()
+        for i, (d_in, d_out) in enumerate(in_out):
+            last = i == len(in_out) - 1
+            self.downs.append(nn.ModuleList([
+                ResnetBlock(d_in, d_out, dim), ResnetBlock(d_out, d_out, dim), attention(d_out),
+                nn.Conv2d(d_out, d_out, 3, 2, 1) if not last else nn.Identity(),
+            ]))
+        mid = dims[-1]
+        self.mid_block1 = ResnetBlock(mid, mid, dim)
+        self.mid_attn = attention(mid)
+        self.mid_block2 = ResnetBlock(mid, mid, dim)
+        for d_in, d_out in reversed(in_out[1:]):
+            self.ups.append(nn.ModuleList([
+                ResnetBlock(d_out * 2, d_in, dim), ResnetBlock(d_in, d_in, dim), attention(d_in),
+                nn.ConvTranspose2d(d_in, d_in, 4, 2, 1),
+            ]))
+        self.final_block = Block(dim, dim)
+        self.final_conv = nn.Conv2d(dim, 1, 1)
+
+    def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+        """x, mu: (B, n_feats, T); mask: (B, 1, T); t: (B,); cond: (B, cond_dim)."""
+        time_emb = self.time_mlp(self.time_pos_emb(t, self.pe_scale)) + self.cond_to_time(cond)
+        cond_map = self.cond_channel(cond).unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        h = torch.stack([mu, x, cond_map], dim=1)
+        mask = mask.unsqueeze(1)  # (B, 1, 1, T)
+        masks = [mask]
+        hiddens = []
+        for resnet1, resnet2, attn, downsample in self.downs:
+            m = masks[-1]
+            h = attn(resnet2(resnet1(h, m, time_emb), m, time_emb))
+            hiddens.append(h)
+            h = downsample(h * m)
+            masks.append(m[:, :, :, ::2])
+        masks = masks[:-1]
+        m = masks[-1]
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, m, time_emb)), m, time_emb)
+        for resnet1, resnet2, attn, upsample in self.ups:
+            m = masks.pop()
+            h = torch.cat([h, hiddens.pop()], dim=1)
+            h = attn(resnet2(resnet1(h, m, time_emb), m, time_emb))
+            h = upsample(h * m)
+        h = self.final_block(h, mask)
+        return (self.final_conv(h * mask) * mask).squeeze(1)

@@ -1,0 +1,1 @@
+"""Training loops that are not preference optimisation: base-model pretraining."""

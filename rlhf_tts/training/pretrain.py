@@ -1,0 +1,210 @@
+"""The `pretrain` stage: Grad-TTS base model on the corpus's train split.
+
+AdamW, gradient clipping, length-bucketed batches, random decoder crops. The run lives in
+`<cache_dir>/pretrain/<key>/` (key: dataset, model and pretraining config, seed), with atomic
+checkpoints every `checkpoint_every` steps; `--resume` continues from the latest one exactly
+(model, optimizer moments, RNG streams and data position are all restored). A finished run is
+reused by later invocations with the same key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from rlhf_tts.config import RunConfig, stable_hash
+from rlhf_tts.data.frontend import SymbolTable
+from rlhf_tts.data.manifest import read_manifest
+from rlhf_tts.models.gradtts.model import GradTTS
+from rlhf_tts.training.data import BucketedBatches, Vocabulary, collate, load_utterances
+
+PRETRAIN_VERSION = 1
+ProgressFn = Callable[..., None]
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A finished pretraining run: where its final checkpoint and vocabulary are."""
+
+    directory: Path
+
+    @property
+    def final(self) -> Path:
+        return self.directory / "final"
+
+    def load(self, device: str | torch.device = "cpu") -> tuple[GradTTS, Vocabulary, RunConfig]:
+        from rlhf_tts.checkpoint import load_model_weights
+
+        meta = json.loads((self.directory / "model.json").read_text())
+        cfg = RunConfig.model_validate(meta["config"])
+        vocab = Vocabulary.from_json(meta["vocabulary"])
+        model = build_model(cfg, vocab)
+        load_model_weights(self.final, model)
+        return model.to(device).eval(), vocab, cfg
+
+
+def build_model(cfg: RunConfig, vocab: Vocabulary) -> GradTTS:
+    return GradTTS(cfg.model, len(vocab.symbols), len(vocab.speakers), len(vocab.emotions), cfg.features.n_mels)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"pretrain.device={name} but CUDA is not available")
+    return device
+
+
+def pretrain_key(cfg: RunConfig, dataset_dir: Path) -> str:
+    exclude = {"checkpoint_every", "log_every", "sample_every", "sample_steps", "threads", "device"}
+    return stable_hash(dataset_dir.name, cfg.model, cfg.pretrain.model_dump(exclude=exclude), cfg.seed, PRETRAIN_VERSION)
+
+
+def base_model_location(cfg: RunConfig) -> BaseModel:
+    """Where the base model for `cfg` is (or will be), without building or training anything."""
+    from rlhf_tts.data.pipeline import dataset_location
+
+    dataset, _ = dataset_location(cfg)
+    return BaseModel(Path(cfg.cache_dir) / "pretrain" / pretrain_key(cfg, dataset.directory))
+
+
+def _rng_state(generator: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state(), "batch": generator.get_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["batch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def run_pretraining(
+    cfg: RunConfig, dataset_dir: Path, resume: bool = False, progress: ProgressFn | None = None,
+    tracker=None, stop_after: int | None = None,  # noqa: ANN001 - Tracker, kept optional for tests
+) -> BaseModel:
+    """Train (or reuse) the base model. `stop_after` ends early at that step (tests of resumption)."""
+    report = progress or (lambda *a, **k: None)
+    base = BaseModel(Path(cfg.cache_dir) / "pretrain" / pretrain_key(cfg, dataset_dir))
+    directory = base.directory
+    if (base.final / "state.json").is_file():
+        return base
+    checkpoints = directory / "checkpoints"
+    if not resume and checkpoints.exists():
+        shutil.rmtree(checkpoints)  # a fresh run was asked for; --resume would have continued it
+    if cfg.pretrain.threads:
+        torch.set_num_threads(cfg.pretrain.threads)
+    device = resolve_device(cfg.pretrain.device)
+
+    rows = read_manifest(dataset_dir / "manifest.parquet").to_pylist()
+    vocab = Vocabulary(SymbolTable.load(dataset_dir / "symbols.json"), tuple(sorted({r["speaker"] for r in rows})))
+    train_rows = [r for r in rows if r["split"] == "train"]
+    utterances = load_utterances(train_rows, dataset_dir / "mels", vocab)
+    batches = BucketedBatches(utterances, cfg.pretrain.batch_size, cfg.seed)
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, vocab).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step, epoch, start_batch = 0, 0, 0
+    latest = latest_checkpoint(checkpoints) if resume else None
+    if latest is not None:
+        checkpoint = load_checkpoint(latest)
+        _set_rng_state(restore(checkpoint, model, optimizer), generator, device)
+        step = checkpoint.step
+        epoch, start_batch = checkpoint.state["data_position"]
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"config": cfg.model_dump(mode="json"), "vocabulary": vocab.to_json(), "dataset": str(dataset_dir),
+            "n_parameters": sum(p.numel() for p in model.parameters())}
+    (directory / "model.json").write_text(json.dumps(meta, indent=1))
+
+    sample_rows = _sample_rows(rows, vocab)
+    model.train()
+    started, first_step = time.monotonic(), step
+    losses: dict[str, float] = {}
+    for epoch, index, batch in batches.iterate(epoch, start_batch):
+        if step >= cfg.pretrain.steps or (stop_after is not None and step >= stop_after):
+            break
+        batch = batch.to(device)
+        out = model.compute_loss(batch.text, batch.mel, batch.mel_lengths, cfg.pretrain.segment_frames, generator)
+        optimizer.zero_grad(set_to_none=True)
+        out["total"].backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.pretrain.grad_clip)
+        optimizer.step()
+        step += 1
+        losses = {k: float(v.detach()) for k, v in out.items()}
+        next_position = (epoch, index + 1)
+        if step % cfg.pretrain.log_every == 0 or step == cfg.pretrain.steps:
+            rate = (step - first_step) / max(time.monotonic() - started, 1e-6)
+            if tracker is not None:
+                tracker.log_metrics({f"pretrain/{k}": v for k, v in losses.items()} | {
+                    "pretrain/grad_norm": float(grad_norm), "pretrain/steps_per_s": rate}, step=step)
+        report("pretrain Grad-TTS", step, cfg.pretrain.steps,
+               info=f"loss {losses['total']:.3f} (dur {losses['duration']:.3f} prior {losses['prior']:.3f} "
+                    f"diff {losses['diffusion']:.3f})")
+        if step % cfg.pretrain.checkpoint_every == 0 or step == cfg.pretrain.steps:
+            save_checkpoint(checkpoints, step, model, optimizer, _rng_state(generator, device),
+                            {"data_position": list(next_position), "losses": losses})
+        if tracker is not None and (step % cfg.pretrain.sample_every == 0 or step == cfg.pretrain.steps):
+            _log_samples(model, sample_rows, vocab, cfg, device, step, tracker)
+            model.train()
+    if step >= cfg.pretrain.steps:
+        final_tmp = directory / f".final.tmp-{os.getpid()}"
+        shutil.rmtree(final_tmp, ignore_errors=True)
+        shutil.copytree(latest_checkpoint(checkpoints), final_tmp)
+        final_tmp.rename(base.final)
+    return base
+
+
+def _sample_rows(rows: list[dict], vocab: Vocabulary) -> list[dict]:
+    """One validation sentence of the first speaker per emotion, for listening during training."""
+    picked: dict[str, dict] = {}
+    for row in sorted(rows, key=lambda r: r["utt_id"]):
+        if row["split"] in ("val", "test") and row["speaker"] == vocab.speakers[0]:
+            picked.setdefault(row["emotion"], row)
+    return [picked[e] for e in vocab.emotions if e in picked]
+
+
+@torch.no_grad()
+def _log_samples(model: GradTTS, rows: list[dict], vocab: Vocabulary, cfg: RunConfig, device: torch.device,
+                 step: int, tracker) -> None:  # noqa: ANN001
+    import tempfile
+
+    import numpy as np
+    import soundfile as sf
+
+    from rlhf_tts.eval.plots import mel_figure
+    from rlhf_tts.models.vocoder import GriffinLimVocoder
+    from rlhf_tts.training.data import Utterance
+
+    if not rows:
+        return
+    model.eval()
+    items = [Utterance(r["utt_id"], np.asarray(vocab.symbols.ids(r["phonemes"])), vocab.emotions.index(r["emotion"]),
+                       vocab.speakers.index(r["speaker"]), np.zeros((cfg.features.n_mels, 1), np.float32), [])
+             for r in rows]
+    batch = collate(items).to(device)
+    prior = model.encode(batch.text)
+    mels = model.sample(prior, cfg.pretrain.sample_steps, generator=torch.Generator(device=device).manual_seed(0))
+    vocoder = GriffinLimVocoder(cfg.features).to(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        for row, mel, length in zip(rows, mels, prior.lengths):
+            mel = mel[:, : int(length)]
+            audio = vocoder(mel).cpu().numpy()
+            name = f"step{step:07d}_{row['emotion']}"
+            sf.write(Path(tmp) / f"{name}.wav", audio, cfg.features.sample_rate)
+            mel_figure(mel.cpu().numpy(), f"{row['emotion']}: {row['text']}", Path(tmp) / f"{name}.png")
+            tracker.log_artifact(Path(tmp) / f"{name}.wav", "pretrain/samples")
+            tracker.log_artifact(Path(tmp) / f"{name}.png", "pretrain/samples")

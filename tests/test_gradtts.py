@@ -1,0 +1,154 @@
+"""Grad-TTS maths and the stepwise API (METHOD.md §1)."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_tts.config import load_config
+from rlhf_tts.models.gradtts import diffusion
+from rlhf_tts.models.gradtts.model import GradTTS, TextBatch, alignment_from_durations
+
+SMOKE = load_config(None, ["preset=smoke"]).model
+
+
+def tiny_model(seed: int = 0) -> GradTTS:
+    torch.manual_seed(seed)
+    return GradTTS(SMOKE, n_vocab=40, n_speakers=3, n_emotions=5).eval()
+
+
+def text_batch(batch: int = 2, length: int = 7) -> TextBatch:
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([length, length - 2][:batch] + [length] * max(0, batch - 2))
+    ids = torch.randint(3, 40, (batch, length), generator=g) * (torch.arange(length) < lengths.unsqueeze(1))
+    return TextBatch(ids, lengths, torch.tensor([1, 3][:batch] + [0] * max(0, batch - 2)),
+                     torch.tensor([0, 2][:batch] + [1] * max(0, batch - 2)), [[(0, 3), (4, 6)]] * batch)
+
+
+def test_gaussian_log_ratio_equals_normal_log_prob_difference():
+    g = torch.Generator().manual_seed(0)
+    x, mean_a, mean_b = (torch.randn(3, 80, 20, generator=g, dtype=torch.float64) for _ in range(3))
+    variance = torch.tensor([0.3, 0.05, 0.01], dtype=torch.float64)
+    mask = torch.ones(3, 1, 20, dtype=torch.float64)
+    mask[1, :, 15:] = 0
+    std = variance.sqrt().reshape(-1, 1, 1)
+    la = torch.distributions.Normal(mean_a, std).log_prob(x)
+    lb = torch.distributions.Normal(mean_b, std).log_prob(x)
+    m = mask.expand_as(x)
+    expected_sum = ((la - lb) * m).sum(dim=(1, 2))
+    expected_mean = expected_sum / m.sum(dim=(1, 2))
+    got_sum = diffusion.gaussian_log_ratio(x, mean_a, mean_b, variance, mask, "sum")
+    got_mean = diffusion.gaussian_log_ratio(x, mean_a, mean_b, variance, mask, "mean")
+    assert torch.max(torch.abs(got_sum - expected_sum) / expected_sum.abs()) <= 1e-6
+    assert torch.max(torch.abs(got_mean - expected_mean) / expected_mean.abs()) <= 1e-6
+    with pytest.raises(ValueError):
+        diffusion.gaussian_log_ratio(x, mean_a, mean_b, variance, mask, "max")
+
+
+def test_forward_marginal_matches_simulated_sde():
+    """Simulate dX = ½β(μ - X)dt + √β dW from X_0 and compare with the closed form at t."""
+    g = torch.Generator().manual_seed(0)
+    n, t_end, steps = 200_000, 0.6, 600
+    x0, mu = 1.5, -0.5
+    x = torch.full((n,), x0, dtype=torch.float64)
+    dt = t_end / steps
+    for i in range(steps):
+        b = diffusion.beta((i + 0.5) * dt, 0.05, 20.0)
+        x = x + 0.5 * b * (mu - x) * dt + math.sqrt(b * dt) * torch.randn(n, generator=g, dtype=torch.float64)
+    mean, variance = diffusion.forward_marginal(torch.tensor([x0], dtype=torch.float64), torch.tensor([mu], dtype=torch.float64), t_end, 0.05, 20.0)
+    assert abs(float(x.mean()) - float(mean)) < 0.01
+    assert abs(float(x.var()) - float(variance)) < 0.01
+
+
+def test_stochastic_step_statistics_and_one_network_call_for_k_candidates():
+    model = tiny_model()
+    prior = model.encode(text_batch(1))
+    x_t = model.initial_state(prior, generator=torch.Generator().manual_seed(2))
+    calls = []
+    hook = model.decoder.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        candidates, mean, variance = model.candidates(x_t, 0.5, 0.05, prior, k=4000, generator=torch.Generator().manual_seed(3))
+    hook.remove()
+    assert len(calls) == 1  # one score-network call serves all k candidates
+    with torch.no_grad():
+        reference_mean, reference_variance = model.reverse_step_mean(x_t, 0.5, 0.05, prior)
+    torch.testing.assert_close(mean, reference_mean)
+    inside = prior.mask.bool().expand_as(mean)[0]
+    samples = candidates[:, 0][:, inside]
+    sigma = float(reference_variance.sqrt())
+    assert torch.max(torch.abs(samples.mean(0) - mean[0][inside])) < 5 * sigma / math.sqrt(4000)
+    assert abs(float(samples.var(0).mean()) / float(reference_variance) - 1) < 0.02
+    assert float(candidates[:, :, :, int(prior.lengths[0]):].abs().max()) == 0.0  # masked frames stay zero
+
+
+def test_reverse_step_mean_formula():
+    g = torch.Generator().manual_seed(0)
+    x, mu, s = (torch.randn(2, 4, 6, generator=g) for _ in range(3))
+    t, h = 0.4, 0.05
+    b = 0.05 + (20 - 0.05) * t
+    mean, var = diffusion.reverse_step_mean(x, mu, s, t, h, 0.05, 20.0)
+    torch.testing.assert_close(mean, x - b * h * (0.5 * (mu - x) - s))
+    assert float(var) == pytest.approx(b * h)
+    x0_hat = diffusion.x0_estimate(x, mu, s, t, 0.05, 20.0)
+    big_b = 0.05 * t + 0.5 * (20 - 0.05) * t * t
+    rho, lam = math.exp(-big_b / 2), 1 - math.exp(-big_b)
+    torch.testing.assert_close(x0_hat, (x + lam * s - (1 - rho) * mu) / rho)
+
+
+def test_sampling_is_deterministic_under_a_seed_and_masked():
+    model = tiny_model()
+    prior = model.encode(text_batch(2))
+    for stochastic in (False, True):
+        a = model.sample(prior, 5, stochastic=stochastic, generator=torch.Generator().manual_seed(7))
+        b = model.sample(prior, 5, stochastic=stochastic, generator=torch.Generator().manual_seed(7))
+        c = model.sample(prior, 5, stochastic=stochastic, generator=torch.Generator().manual_seed(8))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert not torch.equal(a, c)
+        assert float((a * (1 - prior.mask)).abs().max()) == 0.0
+
+
+def test_prior_durations_alignment_and_word_spans():
+    model = tiny_model()
+    text = text_batch(2)
+    durations = torch.tensor([[2, 1, 3, 1, 2, 2, 1], [1, 1, 1, 1, 4, 0, 0]])
+    prior = model.encode(text, durations=durations)
+    assert prior.lengths.tolist() == [12, 8]
+    assert prior.mu.shape[-1] % model.length_multiple == 0
+    assert prior.mask[0, 0, :12].all() and not prior.mask[0, 0, 12:].any() and not prior.mask[1, 0, 8:].any()
+    assert prior.word_frame_spans[0] == [(0, 6), (7, 11)]  # phonemes 0-3 → frames 0-6; 4-6 → 7-11
+    path = alignment_from_durations(durations, (durations > 0).float(), 12)
+    assert path.sum(1)[0].tolist() == [1.0] * 12 and path.sum(-1).tolist()[0] == durations[0].float().tolist()
+
+
+def test_guidance_one_is_the_conditional_score():
+    model = tiny_model()
+    prior = model.encode(text_batch(2))
+    x = model.initial_state(prior, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model.score(x, 0.5, prior)
+        torch.testing.assert_close(model.score(x, 0.5, prior, guidance=1.0), plain)
+        guided = model.score(x, 0.5, prior, guidance=3.0)
+        null = model.score(x, 0.5, prior, emotion=torch.full_like(prior.emotion, model.n_emotions))
+    torch.testing.assert_close(guided, null + 3.0 * (plain - null), rtol=1e-4, atol=1e-5)
+
+
+def test_overfitting_four_utterances_reduces_loss_fivefold():
+    torch.manual_seed(0)
+    model = GradTTS(SMOKE, n_vocab=40, n_speakers=2, n_emotions=5).train()
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([9, 7, 8, 6])
+    ids = torch.randint(3, 40, (4, 9), generator=g) * (torch.arange(9) < lengths.unsqueeze(1))
+    text = TextBatch(ids, lengths, torch.tensor([0, 1, 2, 3]), torch.tensor([0, 1, 0, 1]))
+    mel_lengths = torch.tensor([40, 32, 36, 28])
+    mel = torch.randn(4, 80, 40, generator=g) * 0.5 - 5 + torch.linspace(-2, 2, 80).view(1, 80, 1)
+    mel = mel * (torch.arange(40) < mel_lengths.unsqueeze(1)).unsqueeze(1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        out = model.compute_loss(text, mel, mel_lengths, 32, g)
+        optimizer.zero_grad()
+        out["total"].backward()
+        optimizer.step()
+        losses.append(float(out["total"]))
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert first / last >= 5, (first, last)

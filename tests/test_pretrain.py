@@ -1,0 +1,125 @@
+"""Pretraining: atomic checkpoints, exact resumption, the stage end to end, and synthesis."""
+
+import subprocess
+import sys
+
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from conftest import smoke_config
+from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint
+from rlhf_tts.training.pretrain import run_pretraining
+
+
+class Recorder:
+    """Collects what the stage would log to MLflow."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[int, dict[str, float]] = {}
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.setdefault(step, {}).update(metrics)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(f"{artifact_path}/{path.name}")
+
+
+def _losses(recorder: Recorder, steps) -> list[float]:
+    return [recorder.metrics[s]["pretrain/total"] for s in steps]
+
+
+def test_resume_gives_exactly_the_uninterrupted_losses(smoke_dataset, tmp_path):
+    _, dataset = smoke_dataset
+    overrides = ["pretrain.steps=8", "pretrain.checkpoint_every=4", "pretrain.log_every=1", "pretrain.sample_every=100"]
+    straight = Recorder()
+    cfg_a = smoke_config(tmp_path / "a", *overrides)
+    base_a = run_pretraining(cfg_a, dataset.directory, tracker=straight)
+
+    cfg_b = smoke_config(tmp_path / "b", *overrides)
+    interrupted = Recorder()
+    run_pretraining(cfg_b, dataset.directory, tracker=interrupted, stop_after=5)  # dies after step 5
+    checkpoints = base_a.directory.parent / base_a.directory.name  # same key, other cache dir
+    resumed_dir = tmp_path / "b" / "cache" / "pretrain" / checkpoints.name
+    assert load_checkpoint(latest_checkpoint(resumed_dir / "checkpoints")).step == 4
+    assert not (resumed_dir / "final").exists()
+    resumed = Recorder()
+    base_b = run_pretraining(cfg_b, dataset.directory, resume=True, tracker=resumed)
+    assert _losses(resumed, range(5, 9)) == _losses(straight, range(5, 9))  # bit-identical
+    assert _losses(interrupted, range(1, 6)) == _losses(straight, range(1, 6))
+    weights_a = load_file(str(base_a.final / "tensors.safetensors"))
+    weights_b = load_file(str(base_b.final / "tensors.safetensors"))
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert any(a.startswith("pretrain/samples/") and a.endswith(".wav") for a in straight.artifacts)
+
+
+def test_without_resume_an_interrupted_run_starts_again(smoke_dataset, tmp_path):
+    _, dataset = smoke_dataset
+    cfg = smoke_config(tmp_path, "pretrain.steps=6", "pretrain.checkpoint_every=2", "pretrain.log_every=1")
+    run_pretraining(cfg, dataset.directory, stop_after=4)
+    fresh = Recorder()
+    run_pretraining(cfg, dataset.directory, tracker=fresh)
+    assert sorted(fresh.metrics) == [1, 2, 3, 4, 5, 6]
+
+
+def test_checkpoint_survives_a_crash_mid_write(smoke_dataset, tmp_path):
+    _, dataset = smoke_dataset
+    cfg = smoke_config(tmp_path, "pretrain.steps=4", "pretrain.checkpoint_every=2")
+    base = run_pretraining(cfg, dataset.directory, stop_after=2)
+    folder = base.directory / "checkpoints"
+    good = latest_checkpoint(folder)
+    # A crash while writing the next checkpoint leaves only a temporary folder behind.
+    (folder / ".step-00000004.tmp-999").mkdir()
+    (folder / ".step-00000004.tmp-999" / "tensors.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(folder) == good and load_checkpoint(good).step == 2
+
+
+@pytest.fixture(scope="module")
+def trained_smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("trained")
+    out = subprocess.run([sys.executable, "-m", "rlhf_tts.run", "preset=smoke", "stages=[data,pretrain]",
+                          f"output_dir={tmp / 'out'}", f"cache_dir={tmp / 'cache'}", "tracking.enabled=false"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    return tmp
+
+
+def _synth(tmp, *args):
+    return subprocess.run([sys.executable, "-m", "rlhf_tts.synthesize", *args, "preset=smoke",
+                           f"cache_dir={tmp / 'cache'}", f"output_dir={tmp / 'out'}"],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_synthesize_every_emotion_and_speaker(trained_smoke, tmp_path):
+    lines = [f"Hello there, my friend.\t{e}\t{s}" for e in ("Neutral", "Angry", "Happy", "Sad", "Surprise") for s in range(4)]
+    (tmp_path / "lines.txt").write_text("\n".join(lines) + "\n")
+    result = _synth(trained_smoke, "--batch", str(tmp_path / "lines.txt"), "--out-dir", str(tmp_path / "wavs"), "--steps", "4")
+    assert result.returncode == 0, result.stderr
+    wavs = sorted((tmp_path / "wavs").glob("*.wav"))
+    assert len(wavs) == 20
+    for wav in wavs:
+        audio, rate = sf.read(wav)
+        assert rate == 22050 and len(audio) > 0.3 * rate and abs(audio).max() > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--text", "Hello.", "--emotion", "Bored", "--out", "x.wav"], "unknown emotion"),
+    (["--text", "Hello.", "--speaker", "99", "--out", "x.wav"], "unknown speaker"),
+    (["--text", "   ", "--out", "x.wav"], "empty text"),
+    (["--text", "Hello 🎉 there", "--out", "x.wav"], "cannot read"),
+    (["--text", "Hello."], "--out"),
+])
+def test_synthesize_bad_input_is_one_line_exit_2(trained_smoke, tmp_path, args, message):
+    result = _synth(trained_smoke, *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and result.stderr.strip().count("\n") == 0
+    assert not (tmp_path / "x.wav").exists()
+
+
+def test_synthesize_without_a_model_says_how_to_get_one(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "rlhf_tts.synthesize", "--text", "Hi.", "--out", str(tmp_path / "x.wav"),
+                             "preset=smoke", f"cache_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "no trained model" in result.stderr
