@@ -153,6 +153,9 @@ class PretrainConfig(_Strict):
     lr: float = Field(2e-4, gt=0.0)
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
+    decoder_batch_size: int | None = Field(
+        None, ge=0, description="items per batch that also train the U-Net (None: all); the encoder sees all"
+    )
     segment_frames: int = Field(64, ge=8, description="random decoder crop (Grad-TTS's out_size is 2 s ≈ 172)")
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(25, ge=1)

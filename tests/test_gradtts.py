@@ -149,6 +149,21 @@ def test_overfitting_four_utterances_reduces_loss_fivefold():
         optimizer.zero_grad()
         out["total"].backward()
         optimizer.step()
-        losses.append(float(out["total"]))
+        losses.append(float(out["total"].detach()))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert first / last >= 5, (first, last)
+
+
+def test_decoder_items_limits_only_the_diffusion_loss():
+    model = GradTTS(SMOKE, n_vocab=40, n_speakers=3, n_emotions=5).eval()
+    text = text_batch(2)
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(2, 80, 24, generator=g) - 4
+    lengths = torch.tensor([24, 20])
+    full = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1))
+    encoder_only = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1), decoder_items=0)
+    one = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1), decoder_items=1)
+    torch.testing.assert_close(encoder_only["duration"], full["duration"])
+    torch.testing.assert_close(encoder_only["prior"], full["prior"])
+    assert float(encoder_only["diffusion"]) == 0.0 and float(full["diffusion"]) > 0
+    assert float(one["diffusion"]) > 0 and not torch.equal(one["diffusion"], full["diffusion"])

@@ -123,3 +123,35 @@ def test_synthesize_without_a_model_says_how_to_get_one(tmp_path):
     result = subprocess.run([sys.executable, "-m", "rlhf_tts.synthesize", "--text", "Hi.", "--out", str(tmp_path / "x.wav"),
                              "preset=smoke", f"cache_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no trained model" in result.stderr
+
+
+def test_mcd_and_cepstra():
+    import numpy as np
+    from scipy.fft import dct
+
+    from rlhf_tts.eval.base_quality import mcd_db, mel_cepstra, spearman
+
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(80, 50, generator=g, dtype=torch.float64) - 4
+    expected = dct(mel.numpy(), type=2, norm="ortho", axis=0)[1:25]
+    np.testing.assert_allclose(mel_cepstra(mel).numpy(), expected, atol=1e-10)
+    assert mcd_db(mel, mel) == 0.0
+    small = mcd_db(mel, mel + 0.1 * torch.randn(80, 50, generator=g, dtype=torch.float64))
+    large = mcd_db(mel, mel + 0.5 * torch.randn(80, 50, generator=g, dtype=torch.float64))
+    assert 0 < small < large
+    assert mcd_db(mel, mel + 3.0) == pytest.approx(0.0, abs=1e-9)  # a gain change lives in c0, which is excluded
+    assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0) and spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_base_quality_report_runs_on_a_trained_model(trained_smoke):
+    import json
+
+    result = subprocess.run([sys.executable, "-m", "rlhf_tts.eval.base_quality", "--steps", "4", "--split", "train",
+                             "preset=smoke", f"cache_dir={trained_smoke / 'cache'}", f"output_dir={trained_smoke / 'eval'}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((trained_smoke / "eval" / "base_quality.json").read_text())
+    assert report["n_utterances"] > 0 and report["mcd_db"] > 0 and report["mcd_mu_db"] > 0
+    assert set(report["speaking_rate_phones_per_s"]) == {"Neutral", "Angry", "Happy", "Sad", "Surprise"}
+    assert all(r["corpus"] > 0 and r["model"] > 0 for r in report["speaking_rate_phones_per_s"].values())
+    assert "Rate order" in (trained_smoke / "eval" / "base_quality.md").read_text()

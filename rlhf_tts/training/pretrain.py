@@ -138,7 +138,8 @@ def run_pretraining(
         if step >= cfg.pretrain.steps or (stop_after is not None and step >= stop_after):
             break
         batch = batch.to(device)
-        out = model.compute_loss(batch.text, batch.mel, batch.mel_lengths, cfg.pretrain.segment_frames, generator)
+        out = model.compute_loss(batch.text, batch.mel, batch.mel_lengths, cfg.pretrain.segment_frames, generator,
+                                 decoder_items=cfg.pretrain.decoder_batch_size)
         optimizer.zero_grad(set_to_none=True)
         out["total"].backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.pretrain.grad_clip)

@@ -181,9 +181,13 @@ class GradTTS(nn.Module):
 
     def compute_loss(
         self, text: TextBatch, mel: Tensor, mel_lengths: Tensor, segment_frames: int,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, decoder_items: int | None = None,
     ) -> dict[str, Tensor]:
-        """Duration, prior and diffusion losses of Grad-TTS on a padded batch (mel: (B, n_feats, T))."""
+        """Duration, prior and diffusion losses of Grad-TTS on a padded batch (mel: (B, n_feats, T)).
+
+        `decoder_items` limits the diffusion loss to the first N items: the encoder and duration
+        predictor see the whole batch (cheap), the U-Net (the cost) only N random crops.
+        """
         device = mel.device
         cond = self._cond(text.speaker, text.emotion)
         mu_x, log_dur, text_mask = self.encoder(text.ids, text.lengths, cond)
@@ -198,6 +202,13 @@ class GradTTS(nn.Module):
         mu_y = mu_x @ alignment  # (B, n_feats, T)
         prior_loss = (0.5 * ((mel - mu_y).pow(2) + math.log(2 * math.pi)) * mel_mask).sum() / (mel_mask.sum() * self.n_feats)
 
+        if decoder_items == 0:  # encoder-only step
+            zero = mel.new_zeros(())
+            return {"duration": duration_loss, "prior": prior_loss, "diffusion": zero, "total": duration_loss + prior_loss}
+        if decoder_items is not None and decoder_items < mel.shape[0]:
+            mel, mu_y, mel_lengths = mel[:decoder_items], mu_y[:decoder_items], mel_lengths[:decoder_items]
+            text = TextBatch(text.ids[:decoder_items], text.lengths[:decoder_items], text.emotion[:decoder_items],
+                             text.speaker[:decoder_items])
         # Random crops for the decoder, as Grad-TTS: the U-Net sees fixed-size segments.
         segment = min(segment_frames, int(math.ceil(mel.shape[-1] / self.length_multiple) * self.length_multiple))
         starts = (torch.rand(mel.shape[0], generator=generator, device="cpu") * (mel_lengths.cpu() - segment).clamp_min(0)).long()
