@@ -3,9 +3,10 @@
     python -m rlhf_tts.eval.base_quality [--model DIR] [--split test] [--max-utts N] [key=value ...]
 
 MCD: ground-truth durations (MAS of the model's own `mu` against the reference mel, as in training)
-make the synthesis frame-aligned with its reference, so no DTW is needed. Cepstra are the DCT-II of
-the 80-bin natural-log mel spectrum, coefficients 1-24 (c0, the energy, excluded), and
-MCD = (10 / ln 10) · sqrt(2 Σ_d (c_d - ĉ_d)²) averaged over frames, in dB. The encoder's `mu` is
+make the synthesis frame-aligned with its reference, so no DTW is needed. Cepstra are the cosine
+transform of the 80-bin natural-log mel spectrum scaled as a real cepstrum, coefficients 1-24 (c0,
+the energy, excluded), and MCD = (10 / ln 10) · sqrt(2 Σ_d (c_d - ĉ_d)²) averaged over frames, in
+dB. Values are comparable between systems scored here, not with WORLD/SPTK mel-cepstra figures. The encoder's `mu` is
 scored the same way as a reference point: the decoder should improve on it.
 
 Speaking rate: phoneme tokens per second, of the corpus (text length over audio duration) and of the
@@ -30,12 +31,14 @@ N_CEPSTRA = 24
 
 
 def mel_cepstra(log_mel: torch.Tensor, n: int = N_CEPSTRA) -> torch.Tensor:
-    """(n_mels, T) natural-log mel → (n, T) cepstra c1..cn (orthonormal DCT-II over mel bins)."""
+    """(n_mels, T) natural-log mel → (n, T) cepstra c1..cn.
+
+    c_d = (1/N) Σ_k L_k cos(π d (k + ½) / N): the real cepstrum of the (mel-warped) log-amplitude
+    spectrum, the scale at which the usual MCD constant 10/ln10 · sqrt(2 Σ) gives decibels.
+    """
     n_mels = log_mel.shape[0]
     k = torch.arange(n_mels, dtype=log_mel.dtype, device=log_mel.device)
-    basis = torch.cos(math.pi / n_mels * (k.unsqueeze(1) + 0.5) * k.unsqueeze(0))  # (bins, coeffs)
-    basis = basis * math.sqrt(2.0 / n_mels)
-    basis[:, 0] /= math.sqrt(2.0)
+    basis = torch.cos(math.pi / n_mels * (k.unsqueeze(1) + 0.5) * k.unsqueeze(0)) / n_mels  # (bins, coeffs)
     return (basis.T @ log_mel)[1 : n + 1]
 
 
@@ -56,7 +59,6 @@ def evaluate_base_model(cfg: RunConfig, model_dir: str | None, split: str, max_u
     from rlhf_tts.data.manifest import read_manifest
     from rlhf_tts.data.pipeline import dataset_location
     from rlhf_tts.inference import Synthesizer
-    from rlhf_tts.models.gradtts.mas import monotonic_alignment_search
     from rlhf_tts.training.data import collate, load_utterances
 
     synth = Synthesizer.from_config(cfg, model_dir)
@@ -74,13 +76,7 @@ def evaluate_base_model(cfg: RunConfig, model_dir: str | None, split: str, max_u
         chunk = utterances[start : start + 16]
         batch = collate(chunk)
         text = batch.text
-        cond = model._cond(text.speaker, text.emotion)
-        mu_x, log_dur, text_mask = model.encoder(text.ids, text.lengths, cond)
-        mel_mask = (torch.arange(batch.mel.shape[-1]).unsqueeze(0) < batch.mel_lengths.unsqueeze(1)).float()
-        log_p = -0.5 * (batch.mel.pow(2).sum(1, keepdim=True) - 2 * mu_x.transpose(1, 2) @ batch.mel
-                        + mu_x.pow(2).sum(1).unsqueeze(-1))
-        gt_durations = monotonic_alignment_search(log_p, text_mask.squeeze(1), mel_mask).sum(-1).long()
-        prior = model.encode(text, durations=gt_durations)
+        prior = model.encode(text, durations=model.ground_truth_durations(text, batch.mel, batch.mel_lengths))
         sampled = model.sample(prior, n_steps, generator=generator)
         predicted = model.encode(text)  # the model's own durations
         for i, utt in enumerate(chunk):

@@ -75,6 +75,14 @@ def alignment_from_durations(durations: Tensor, text_mask: Tensor, n_frames: int
     return path.to(torch.float32) * text_mask.unsqueeze(-1)
 
 
+@torch.no_grad()
+def align(mu_x: Tensor, text_mask: Tensor, mel: Tensor, mel_mask: Tensor) -> Tensor:
+    """MAS under the prior N(mu_i, I): the (B, T_text, T_mel) alignment Grad-TTS trains durations on."""
+    # log N(y_j; mu_i, I) for every (phoneme i, frame j), up to a constant.
+    log_p = -0.5 * (mel.pow(2).sum(1, keepdim=True) - 2 * mu_x.transpose(1, 2) @ mel + mu_x.pow(2).sum(1).unsqueeze(-1))
+    return monotonic_alignment_search(log_p, text_mask.squeeze(1), mel_mask.squeeze(1))
+
+
 class GradTTS(nn.Module):
     def __init__(self, cfg: GradTTSConfig, n_vocab: int, n_speakers: int, n_emotions: int, n_feats: int = 80) -> None:
         super().__init__()
@@ -115,6 +123,13 @@ class GradTTS(nn.Module):
         mask = sequence_mask(lengths, n_frames).unsqueeze(1).to(mu.dtype)
         spans = word_frame_spans(text.word_spans, durations) if text.word_spans is not None else None
         return Prior(mu * mask, mask, durations, text.emotion, text.speaker, lengths, spans)
+
+    @torch.no_grad()
+    def ground_truth_durations(self, text: TextBatch, mel: Tensor, mel_lengths: Tensor) -> Tensor:
+        """Frames per phoneme of a reference mel, by MAS against the model's own `mu` (as in training)."""
+        mu_x, _, text_mask = self.encoder(text.ids, text.lengths, self._cond(text.speaker, text.emotion))
+        mel_mask = sequence_mask(mel_lengths, mel.shape[-1]).unsqueeze(1).to(mel.dtype)
+        return align(mu_x, text_mask, mel, mel_mask).sum(-1).long()
 
     # ------------------------------------------------------------------ decoder side (stepwise API)
 
@@ -192,11 +207,7 @@ class GradTTS(nn.Module):
         cond = self._cond(text.speaker, text.emotion)
         mu_x, log_dur, text_mask = self.encoder(text.ids, text.lengths, cond)
         mel_mask = sequence_mask(mel_lengths, mel.shape[-1]).unsqueeze(1).to(mel.dtype)
-        with torch.no_grad():
-            # log N(y_j; mu_i, I) for every (phoneme i, frame j), up to the constant, for MAS.
-            log_p = (-0.5 * (mel.pow(2).sum(1, keepdim=True) - 2 * mu_x.transpose(1, 2) @ mel
-                             + mu_x.pow(2).sum(1).unsqueeze(-1)))
-            alignment = monotonic_alignment_search(log_p, text_mask.squeeze(1), mel_mask.squeeze(1))
+        alignment = align(mu_x, text_mask, mel, mel_mask)
         target_log_dur = torch.log(1e-8 + alignment.sum(-1)) * text_mask.squeeze(1)
         duration_loss = ((log_dur.squeeze(1) - target_log_dur).pow(2) * text_mask.squeeze(1)).sum() / text_mask.sum()
         mu_y = mu_x @ alignment  # (B, n_feats, T)
