@@ -24,7 +24,7 @@ from rlhf_tts.config import RunConfig, stable_hash
 from rlhf_tts.data.frontend import SymbolTable
 from rlhf_tts.data.manifest import read_manifest
 from rlhf_tts.models.gradtts.model import GradTTS
-from rlhf_tts.training.data import BucketedBatches, Vocabulary, collate, load_utterances
+from rlhf_tts.training.data import BucketedBatches, Vocabulary, load_utterances
 
 PRETRAIN_VERSION = 1
 ProgressFn = Callable[..., None]
@@ -181,31 +181,26 @@ def _sample_rows(rows: list[dict], vocab: Vocabulary) -> list[dict]:
 @torch.no_grad()
 def _log_samples(model: GradTTS, rows: list[dict], vocab: Vocabulary, cfg: RunConfig, device: torch.device,
                  step: int, tracker) -> None:  # noqa: ANN001
+    """Speak one held-out sentence per emotion and log its mel image and audio to MLflow."""
     import tempfile
 
-    import numpy as np
     import soundfile as sf
 
     from rlhf_tts.eval.plots import mel_figure
+    from rlhf_tts.inference import PreparedText, Synthesizer
     from rlhf_tts.models.vocoder import GriffinLimVocoder
-    from rlhf_tts.training.data import Utterance
 
     if not rows:
         return
-    model.eval()
-    items = [Utterance(r["utt_id"], np.asarray(vocab.symbols.ids(r["phonemes"])), vocab.emotions.index(r["emotion"]),
-                       vocab.speakers.index(r["speaker"]), np.zeros((cfg.features.n_mels, 1), np.float32), [])
+    synthesizer = Synthesizer(model, vocab, cfg, GriffinLimVocoder(cfg.features).to(device))
+    items = [PreparedText(tuple(vocab.symbols.ids(r["phonemes"])), vocab.emotions.index(r["emotion"]),
+                          vocab.speakers.index(r["speaker"]), r["speaker"], tuple(tuple(s) for s in r["word_spans"]))
              for r in rows]
-    batch = collate(items).to(device)
-    prior = model.encode(batch.text)
-    mels = model.sample(prior, cfg.pretrain.sample_steps, generator=torch.Generator(device=device).manual_seed(0))
-    vocoder = GriffinLimVocoder(cfg.features).to(device)
+    mels = synthesizer.mels(items, n_steps=cfg.pretrain.sample_steps, generator=torch.Generator(device=device).manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
-        for row, mel, length in zip(rows, mels, prior.lengths):
-            mel = mel[:, : int(length)]
-            audio = vocoder(mel).cpu().numpy()
+        for row, mel in zip(rows, mels):
             name = f"step{step:07d}_{row['emotion']}"
-            sf.write(Path(tmp) / f"{name}.wav", audio, cfg.features.sample_rate)
+            sf.write(Path(tmp) / f"{name}.wav", synthesizer.vocoder(mel).cpu().numpy(), cfg.features.sample_rate)
             mel_figure(mel.cpu().numpy(), f"{row['emotion']}: {row['text']}", Path(tmp) / f"{name}.png")
             tracker.log_artifact(Path(tmp) / f"{name}.wav", "pretrain/samples")
             tracker.log_artifact(Path(tmp) / f"{name}.png", "pretrain/samples")
