@@ -167,3 +167,13 @@ def test_decoder_items_limits_only_the_diffusion_loss():
     torch.testing.assert_close(encoder_only["prior"], full["prior"])
     assert float(encoder_only["diffusion"]) == 0.0 and float(full["diffusion"]) > 0
     assert float(one["diffusion"]) > 0 and not torch.equal(one["diffusion"], full["diffusion"])
+
+
+def test_prior_repeat_is_item_major():
+    model = tiny_model()
+    prior = model.encode(text_batch(2))
+    tripled = prior.repeat(3)
+    assert tripled.mu.shape[0] == 6 and tripled.emotion.tolist() == [1, 1, 1, 3, 3, 3]
+    torch.testing.assert_close(tripled.mu[3], prior.mu[1])
+    assert tripled.lengths.tolist() == [int(prior.lengths[0])] * 3 + [int(prior.lengths[1])] * 3
+    assert tripled.word_frame_spans[4] == prior.word_frame_spans[1]
