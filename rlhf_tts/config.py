@@ -165,6 +165,96 @@ class PretrainConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 
+class EASPMConfig(_Strict):
+    """EASPM, the time-conditioned emotion preference model (METHOD §2). Owned by models/easpm.py."""
+
+    # --- fields: easpm section (issue 5) ---
+
+
+class JudgesConfig(_Strict):
+    """Evaluation judges (METHOD §5): never a reward. Owned by rlhf_tts/eval/."""
+
+    # --- fields: judges section (issue 4) ---
+
+
+class AlignConfig(_Strict):
+    """EASPO alignment (METHOD §3). Owned by rlhf_tts/algos/easpo.py."""
+
+    algorithm: Literal["easpo"] = "easpo"
+    steps: int = Field(60, ge=1, description="learner updates (one per PreferenceBatch)")
+    prompts_per_rollout: int = Field(4, ge=1, description="trajectories per rollout call (text, emotion, speaker)")
+    k: int = Field(4, ge=2, description="candidates per preference step (paper: 4 of {2, 4, 8})")
+    kappa: float = Field(0.25, ge=0.0, lt=1.0, description="skip the first κ·N (noisiest) steps: t_hi = 1 - κ")
+    t_range: tuple[float, float] | None = Field(
+        None, description="[t_lo, t_hi] of preference steps; None: [0, 1 - kappa] (the paper's [0, 750] of 1000)"
+    )
+    sampler_steps: int = Field(20, ge=1, description="denoising steps of a rollout (paper: 20)")
+    temperature: float = Field(1.5, gt=0.0, description="X_1 ~ N(mu, I / temperature), Grad-TTS's inference value")
+    guidance: float = Field(1.0, ge=0.0, description="classifier-free guidance scale during rollouts (1 = off)")
+    threshold: float = Field(0.3, ge=0.0, lt=1.0, description="keep a pair if softmax([S_w, S_l]) margin > threshold (SPO: 0.3)")
+    next_state: Literal["random", "greedy"] = Field("random", description="random: the paper; greedy collapses rollouts")
+    pair_steps: Literal["all", "one"] = Field("all", description="all steps in range (SPO's code) or one sampled step")
+    objective: Literal["reward_matched", "spo_dpo"] = "reward_matched"
+    beta: float = Field(10.0, gt=0.0, description="log-ratio scale (SPO: 10 with mean-reduced log-ratios)")
+    clip_eps: float = Field(0.1, gt=0.0, lt=1.0, description="spo_dpo: ratio clipped to [1 - eps, 1 + eps]")
+    reduce: Literal["mean", "sum"] = Field("mean", description="log-ratio over elements (METHOD §1 open choice)")
+    reward_scale: float = Field(
+        1.0, gt=0.0, description="reward_matched: divide S_w - S_l by this (EASPM scores are logit-scaled cosines)"
+    )
+    lr: float = Field(1e-4, gt=0.0, description="decoder AdamW lr (paper: 1e-5 for full-size models)")
+    weight_decay: float = Field(1e-4, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    sync_every: int = Field(1, ge=1, description="learner steps between weight broadcasts (M)")
+    checkpoint_every: int = Field(20, ge=1)
+    log_every: int = Field(5, ge=1)
+    split: Literal["train", "val", "test"] = Field("train", description="where rollout prompts come from")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N (learner and in-process loop)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlignConfig":
+        lo, hi = self.timestep_range()
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"t_range: [{lo}, {hi}] must satisfy 0 <= t_lo < t_hi <= 1")
+        h = 1.0 / self.sampler_steps
+        if not any(lo <= 1.0 - (i + 0.5) * h <= hi for i in range(self.sampler_steps)):
+            raise ValueError(f"t_range: no sampler step of {self.sampler_steps} falls in [{lo}, {hi}]")
+        return self
+
+    def timestep_range(self) -> tuple[float, float]:
+        return tuple(self.t_range) if self.t_range is not None else (0.0, 1.0 - self.kappa)
+
+
+class DistributedConfig(_Strict):
+    """Ray transport: actor counts, resources, batching, staleness. Owned by actors/."""
+
+    num_rollout_actors: int = Field(1, ge=1)
+    rollout_num_cpus: float = Field(1.0, ge=0.0)
+    rollout_num_gpus: float = Field(0.0, ge=0.0, description="fractional GPU per rollout actor (used when GPUs exist)")
+    reward_num_cpus: float = Field(1.0, ge=0.0)
+    reward_num_gpus: float = Field(0.0, ge=0.0)
+    learner_num_cpus: float = Field(1.0, ge=0.0)
+    learner_num_gpus: float = Field(0.0, ge=0.0)
+    reward_max_batch: int = Field(64, ge=1, description="candidates per EASPM call at most")
+    reward_max_wait_ms: float = Field(5.0, ge=0.0, description="how long the reward actor waits to fill a batch")
+    max_in_flight: int = Field(2, ge=1, description="rollouts in flight per rollout actor")
+    max_staleness: int = Field(2, ge=0, description="drop PreferenceBatches more than this many versions old")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD", "STRICT_PACK"] = Field(
+        "PACK", description="how rollout bundles are placed across nodes"
+    )
+    rollout_resources: dict[str, float] = Field(
+        default_factory=dict, description="custom resources per rollout actor, e.g. {rollout_node: 1}"
+    )
+    max_restarts: int = Field(3, ge=0, description="Ray restarts of rollout and reward actors")
+    local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance (None: all)")
+    mode: Literal["ray", "local"] = Field("ray", description="local: the in-process loop, same functions, no Ray")
+
+
+class EvaluateConfig(_Strict):
+    """The comparison report (`evaluate` stage and `python -m rlhf_tts.evaluate`)."""
+
+    # --- fields: evaluate section (issue 4) ---
+
+
 class TrackingConfig(_Strict):
     enabled: bool = True
     experiment: str = "rlhf_tts"
@@ -187,6 +277,11 @@ class RunConfig(_Strict):
     features: FeatureConfig = FeatureConfig()
     model: GradTTSConfig = GradTTSConfig()
     pretrain: PretrainConfig = PretrainConfig()
+    easpm: EASPMConfig = EASPMConfig()
+    judges: JudgesConfig = JudgesConfig()
+    align: AlignConfig = AlignConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")

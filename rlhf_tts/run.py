@@ -103,7 +103,23 @@ def run_pretrain_stage(cfg: RunConfig, console: Console, tracker, resume: bool =
     return {"base_model": str(base.final)}
 
 
-STAGE_RUNNERS = {"data": run_data_stage, "pretrain": run_pretrain_stage}
+def _lazy(module: str, name: str):  # noqa: ANN202
+    """A stage runner imported on first use, so `--help` and config errors stay fast."""
+    def runner(cfg: RunConfig, console: Console, tracker, resume: bool = False) -> dict:  # noqa: ANN001
+        import importlib
+        return getattr(importlib.import_module(module), name)(cfg, console, tracker, resume=resume)
+    return runner
+
+
+STAGE_RUNNERS = {
+    "data": run_data_stage,
+    "pretrain": run_pretrain_stage,
+    # Each later stage lives with its code; the signature is (cfg, console, tracker, resume=) -> dict.
+    "easpm": _lazy("rlhf_tts.training.easpm", "run_easpm_stage"),
+    "judges": _lazy("rlhf_tts.eval.judges_stage", "run_judges_stage"),
+    "align": _lazy("actors.align_stage", "run_align_stage"),
+    "evaluate": _lazy("rlhf_tts.eval.evaluate_stage", "run_evaluate_stage"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

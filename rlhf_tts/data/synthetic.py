@@ -29,7 +29,7 @@ from rlhf_tts.data.frontend import phonemize
 from rlhf_tts.data.sentences import generate_sentences
 
 #: Bump when the builder's output changes for the same config, so caches rebuild.
-SYNTHETIC_CORPUS_VERSION = 1
+SYNTHETIC_CORPUS_VERSION = 2
 _DONE_MARKER = "corpus.json"
 
 

@@ -1,0 +1,256 @@
+"""The Ray EASPO loop: rollout actors → reward actor → learner actor, with weight broadcast,
+bounded in-flight rollouts, staleness, fault tolerance and pair accounting.
+
+Transport only. The driver holds object refs: a rollout returns two objects, a small stats dict the
+driver reads and the `PreferenceBatch` it passes straight to the learner by ref. The learner's
+decoder weights are fetched into the object store once per version and the same ref is sent to
+every rollout actor.
+
+Failures: a rollout or reward actor that dies is restarted by Ray (`max_restarts`); its in-flight
+rollouts are counted `lost_in_flight`, and a restarted rollout actor is resent the current weights
+before its next rollout (actor calls run in order). A learner that dies is restarted with
+`resume=True` and comes back at its last checkpoint: rollouts it had trained on since then are
+counted `rolled_back` and not sent again, so no rollout is ever trained on twice.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.learner import LearnerActor
+from actors.reward import RewardActor
+from actors.rollout import RolloutActor
+from rlhf_tts.config import RunConfig
+from rlhf_tts.training.align import AlignedModel, aligned_model_location
+
+ProgressFn = Callable[..., None]
+
+
+@dataclass
+class TransportLedger:
+    """What happened to every dispatched rollout, on the driver's side."""
+
+    dispatched: int = 0
+    completed: int = 0
+    lost_in_flight: int = 0
+    lost_in_learner: int = 0
+    rolled_back: int = 0
+    discarded_at_end: int = 0
+    rollout_restarts_seen: int = 0
+    learner_restarts_seen: int = 0
+    sent_to_learner: list[str] = field(default_factory=list)
+
+
+def connect(cfg: RunConfig) -> bool:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local instance.
+
+    Returns True when this call started Ray (and so should shut it down). Token authentication is
+    Ray's default for local clusters in 2.60 and is left on.
+    """
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        return True
+    needed = _bundle_cpus(cfg)
+    num_cpus = cfg.distributed.local_num_cpus or max(os.cpu_count() or 1, int(sum(needed) + 0.999))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _bundle_cpus(cfg: RunConfig) -> list[float]:
+    d = cfg.distributed
+    return [d.learner_num_cpus, d.reward_num_cpus] + [d.rollout_num_cpus] * d.num_rollout_actors
+
+
+def bundles(cfg: RunConfig, gpus_available: bool) -> list[dict[str, float]]:
+    """Placement-group bundles: learner, reward, then one per rollout actor (GPU only where there are GPUs)."""
+    d = cfg.distributed
+
+    def bundle(cpus: float, gpus: float, extra: dict[str, float] | None = None) -> dict[str, float]:
+        out = {"CPU": cpus} if cpus else {}
+        if gpus and gpus_available:
+            out["GPU"] = gpus
+        out.update(extra or {})
+        return out or {"CPU": 0.01}
+
+    return ([bundle(d.learner_num_cpus, d.learner_num_gpus), bundle(d.reward_num_cpus, d.reward_num_gpus)]
+            + [bundle(d.rollout_num_cpus, d.rollout_num_gpus, d.rollout_resources)] * d.num_rollout_actors)
+
+
+@dataclass
+class Actors:
+    learner: ray.actor.ActorHandle
+    reward: ray.actor.ActorHandle
+    rollouts: list[ray.actor.ActorHandle]
+    placement: object
+
+
+def start_actors(cfg: RunConfig, resume: bool) -> Actors:
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    specs = bundles(cfg, gpus)
+    pg = placement_group(specs, strategy=cfg.distributed.placement_strategy)
+    ray.get(pg.ready(), timeout=600)
+    cfg_json = cfg.model_dump(mode="json")
+
+    def at(i: int) -> PlacementGroupSchedulingStrategy:
+        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+
+    def resources(i: int) -> dict:
+        spec = specs[i]
+        custom = {k: v for k, v in spec.items() if k not in ("CPU", "GPU")}
+        return {"num_cpus": spec.get("CPU", 0), "num_gpus": spec.get("GPU", 0), "resources": custom}
+
+    d = cfg.distributed
+    learner = LearnerActor.options(max_restarts=d.max_restarts, scheduling_strategy=at(0), **resources(0)).remote(
+        cfg_json, resume)
+    reward = RewardActor.options(max_restarts=d.max_restarts, max_concurrency=1000, scheduling_strategy=at(1),
+                                 **resources(1)).remote(cfg_json)
+    rollouts = [RolloutActor.options(max_restarts=d.max_restarts, scheduling_strategy=at(2 + i),
+                                     **resources(2 + i)).remote(cfg_json, reward, i)
+                for i in range(d.num_rollout_actors)]
+    return Actors(learner, reward, rollouts, pg)
+
+
+def _wait_alive(handle, method: str = "ping", timeout_s: float = 300.0):  # noqa: ANN001, ANN202
+    """Call `method` until the (restarting) actor answers."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(getattr(handle, method).remote(), timeout=30)
+        except (RayActorError, GetTimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def run_ray_alignment(
+    cfg: RunConfig, resume: bool = False, progress: ProgressFn | None = None, tracker=None,  # noqa: ANN001
+    on_update: Callable[[int, Actors], None] | None = None,
+) -> tuple[AlignedModel, dict]:
+    """Run EASPO on Ray until the learner has made `align.steps` updates; publish the aligned model.
+
+    `on_update(updates, actors)` is called after each learner update (tests use it to kill actors).
+    """
+    import json
+
+    report = progress or (lambda *a, **k: None)
+    location = aligned_model_location(cfg)
+    if (location.final / "state.json").is_file():
+        return location, json.loads((location.directory / "model.json").read_text())["aligned"]
+    started_ray = connect(cfg)
+    actors = start_actors(cfg, resume)
+    ledger = TransportLedger()
+    try:
+        summary = _loop(cfg, actors, ledger, report, tracker, on_update)
+        ray.get(actors.learner.publish.remote())
+        summary["reward_batching"] = ray.get(actors.reward.stats.remote())
+        summary["nodes"] = {"rollout": ray.get([a.node_id.remote() for a in actors.rollouts])}
+        return location, summary
+    finally:
+        for handle in [actors.learner, actors.reward, *actors.rollouts]:
+            ray.kill(handle, no_restart=True)
+        remove_placement_group(actors.placement)
+        if started_ray:
+            ray.shutdown()
+
+
+def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: ProgressFn, tracker,  # noqa: ANN001
+          on_update: Callable[[int, Actors], None] | None) -> dict:
+    d = cfg.distributed
+    status = _wait_alive(actors.learner, "status")
+    consumed = status["consumed_ids"]
+    next_index = 1 + max((int(r[1:]) for r in consumed), default=-1)
+    version = status["version"]
+    updates = status["updates"]
+    initial_rollouts = status["ledger"]["rollouts_produced"]  # from an earlier run, when resuming
+    weights = actors.learner.decoder_weights.remote()  # one object, shared by every rollout actor
+    for actor in actors.rollouts:
+        actor.set_weights.remote(version, weights)
+    in_flight: dict[ray.ObjectRef, tuple[int, int, ray.ObjectRef]] = {}  # stats ref → (actor, index, batch ref)
+    per_actor = [0] * len(actors.rollouts)
+    started = time.monotonic()
+    pairs_seen = 0
+    while updates < cfg.align.steps:
+        for i, actor in enumerate(actors.rollouts):
+            while per_actor[i] < d.max_in_flight:
+                stats_ref, batch_ref = actor.run_with_stats.remote(next_index)
+                in_flight[stats_ref] = (i, next_index, batch_ref)
+                per_actor[i] += 1
+                next_index += 1
+                ledger.dispatched += 1
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        stats_ref = ready[0]
+        i, index, batch_ref = in_flight.pop(stats_ref)
+        per_actor[i] -= 1
+        try:
+            rollout_stats = ray.get(stats_ref)
+        except (RayActorError, RayTaskError) as err:
+            ledger.lost_in_flight += 1
+            if isinstance(err, RayActorError):  # the rollout actor itself died: Ray restarts it from the base
+                ledger.rollout_restarts_seen += 1
+            actors.rollouts[i].set_weights.remote(version, weights)
+            continue
+        ledger.completed += 1
+        pairs_seen += int(rollout_stats["pairs_kept"])
+        try:
+            stats = ray.get(actors.learner.update.remote(batch_ref))
+            ledger.sent_to_learner.append(f"r{index}")
+        except RayActorError:
+            ledger.lost_in_learner += 1
+            ledger.learner_restarts_seen += 1
+            status = _wait_alive(actors.learner, "status")
+            restored = set(status["consumed_ids"])
+            rolled = [r for r in ledger.sent_to_learner if r not in restored]
+            ledger.rolled_back += len(rolled)
+            ledger.sent_to_learner = [r for r in ledger.sent_to_learner if r in restored]
+            updates, version = status["updates"], status["version"]
+            weights = actors.learner.decoder_weights.remote()
+            for actor in actors.rollouts:
+                actor.set_weights.remote(version, weights)
+            continue
+        updates = int(stats.get("updates", updates))
+        if stats.get("skipped"):
+            report("align EASPO (Ray)", updates, cfg.align.steps, info="dropped a stale batch")
+            continue
+        if int(stats["version"]) != version:
+            version = int(stats["version"])
+            weights = actors.learner.decoder_weights.remote()
+            for actor in actors.rollouts:
+                actor.set_weights.remote(version, weights)
+        elapsed = max(time.monotonic() - started, 1e-6)
+        if tracker is not None and updates % cfg.align.log_every == 0:
+            tracker.log_metrics({f"align/{k}": float(v) for k, v in stats.items()}
+                                | {"align/pairs_per_s": pairs_seen / elapsed,
+                                   "align/rollouts_lost_in_flight": ledger.lost_in_flight}, step=updates)
+        report("align EASPO (Ray)", updates, cfg.align.steps,
+               info=f"loss {stats.get('loss', float('nan')):.4f} kept {stats.get('kept_fraction', 0):.2f} "
+                    f"stale {stats.get('staleness', 0):.0f}")
+        if on_update is not None:
+            on_update(updates, actors)
+    ledger.discarded_at_end = len(in_flight)
+    final = _wait_alive(actors.learner, "status")
+    summary = {"updates": final["updates"], "seconds": time.monotonic() - started, "pairs_kept_seen": pairs_seen,
+               "learner_rollouts_before": initial_rollouts,
+               "learner": final["ledger"], "transport": {k: v for k, v in asdict(ledger).items() if k != "sent_to_learner"}}
+    summary["accounting_consistent"] = accounting_consistent(summary)
+    return summary
+
+
+def accounting_consistent(summary: dict) -> bool:
+    """Every dispatched rollout is accounted exactly once, and the learner's counts match the driver's."""
+    t, learner = summary["transport"], summary["learner"]
+    driver_side = t["dispatched"] == t["completed"] + t["lost_in_flight"] + t["discarded_at_end"]
+    learner_side = (t["completed"] == learner["rollouts_produced"] - summary["learner_rollouts_before"]
+                    + t["lost_in_learner"] + t["rolled_back"])
+    return driver_side and learner_side and learner["rollouts_duplicate"] == 0
+
+

@@ -1,0 +1,334 @@
+"""EASPO: stepwise preference optimisation of the Grad-TTS decoder (METHOD §3). Pure functions, no Ray.
+
+A rollout denoises a batch of prompts with the current policy. At each *preference step* (a step
+whose time lies in `[t_lo, t_hi]`), k candidates are drawn from the same state with one
+score-network call, scored by a reward model at time `t - h`, and the best and worst form a
+(win, lose) pair that is kept when the softmax margin of their scores passes a threshold. The next
+state is one candidate chosen uniformly at random (or the winner, `greedy`). The learner then moves
+the policy's log-ratio against a frozen reference on those pairs.
+
+The Ray actors call exactly these functions: `rollout` in a rollout actor (its `score_fn` sends the
+request to the reward actor), `EASPOLearner.update` in the learner actor.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, fields
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlhf_tts.config import AlignConfig
+from rlhf_tts.models.gradtts import diffusion
+from rlhf_tts.models.gradtts.model import GradTTS, Prior, TextBatch
+from rlhf_tts.rewards.base import ScoreRequest, ScoreResult
+
+ScoreFn = Callable[[ScoreRequest], ScoreResult]
+
+
+# ---------------------------------------------------------------------------------------- schedule
+
+def step_times(n_steps: int) -> list[float]:
+    """Midpoint times t_i = 1 - (i + 0.5) h of Grad-TTS's sampler."""
+    h = 1.0 / n_steps
+    return [1.0 - (i + 0.5) * h for i in range(n_steps)]
+
+
+def preference_steps(n_steps: int, t_lo: float, t_hi: float) -> list[int]:
+    """Indices of sampler steps whose time lies in [t_lo, t_hi] (κ = 0.25 → [0, 0.75], the paper's)."""
+    return [i for i, t in enumerate(step_times(n_steps)) if t_lo <= t <= t_hi]
+
+
+# --------------------------------------------------------------------------------------- selection
+
+def select_pairs(scores: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scores (k, B) → (win index, lose index, keep mask, margin), each (B,).
+
+    Win = argmax, lose = argmin; the pair is kept when softmax([S_w, S_l])[0] - softmax(...)[1] >
+    threshold (SPO's code), i.e. tanh((S_w - S_l) / 2) > threshold.
+    """
+    win = scores.argmax(dim=0)
+    lose = scores.argmin(dim=0)
+    s_w = scores.gather(0, win.unsqueeze(0)).squeeze(0)
+    s_l = scores.gather(0, lose.unsqueeze(0)).squeeze(0)
+    probs = torch.softmax(torch.stack([s_w, s_l]), dim=0)
+    margin = probs[0] - probs[1]
+    return win, lose, (margin > threshold) & (win != lose), margin
+
+
+def choose_next(candidates: Tensor, scores: Tensor, rule: Literal["random", "greedy"],
+                generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """candidates (k, B, ...) → (next state (B, ...), chosen index (B,)).
+
+    `random` (the paper's default) keeps rollouts diverse; `greedy` always follows the winner.
+    """
+    k, batch = candidates.shape[:2]
+    if rule == "random":
+        index = torch.randint(k, (batch,), generator=generator, device=generator.device if generator else "cpu")
+        index = index.to(candidates.device)
+    elif rule == "greedy":
+        index = scores.argmax(dim=0)
+    else:
+        raise ValueError(f"next_state: {rule!r} is not random or greedy")
+    picked = candidates[index, torch.arange(batch, device=candidates.device)]
+    return picked, index
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+@dataclass
+class PreferenceBatch:
+    """Kept (win, lose) pairs with everything the learner needs to recompute both policies' means.
+
+    All tensors share the leading pair axis P. `version` is the policy version the rollout used;
+    `rollout_id` names the rollout so the learner never trains on the same one twice.
+    """
+
+    x_t: Tensor  # (P, n_feats, T) state the candidates were drawn from
+    t: Tensor  # (P,) its time
+    h: Tensor  # (P,) step size
+    mu: Tensor  # (P, n_feats, T)
+    mask: Tensor  # (P, 1, T)
+    speaker: Tensor  # (P,)
+    emotion: Tensor  # (P,)
+    x_win: Tensor
+    x_lose: Tensor
+    score_win: Tensor  # (P,)
+    score_lose: Tensor  # (P,)
+    trajectory: Tensor  # (P,) index of the prompt within its rollout
+    step: Tensor  # (P,) sampler step index
+    version: int = 0
+    rollout_id: str = ""
+    stats: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+    def to(self, device: torch.device | str) -> "PreferenceBatch":
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value.to(device)
+        return PreferenceBatch(**moved)
+
+    def prior(self) -> Prior:
+        lengths = self.mask.sum(dim=(1, 2)).long()
+        return Prior(self.mu, self.mask, lengths.unsqueeze(1), self.emotion, self.speaker, lengths)
+
+
+def _empty_like_pairs(x: Tensor) -> Tensor:
+    return x[:0]
+
+
+def _concat(parts: list[dict[str, Tensor]], key: str, like: Tensor) -> Tensor:
+    values = [p[key] for p in parts]
+    return torch.cat(values) if values else _empty_like_pairs(like)
+
+
+# ------------------------------------------------------------------------------------------ rollout
+
+@dataclass
+class RolloutResult:
+    batch: PreferenceBatch
+    final: Tensor  # (B, n_feats, T) the rollout's last state (its generated mel)
+    prior: Prior
+
+
+@torch.no_grad()
+def rollout(
+    policy: GradTTS, text: TextBatch, cfg: AlignConfig, score_fn: ScoreFn, generator: torch.Generator,
+    version: int = 0, rollout_id: str = "",
+) -> RolloutResult:
+    """Denoise `text` with the policy and collect preference pairs at the preference steps.
+
+    `pair_steps = "one"` (the paper's wording) draws one step per trajectory uniformly from the
+    preference range; `"all"` (SPO's code, the default) uses every step in range. Steps outside the
+    range, and steps of a trajectory that is not at its chosen step, are plain stochastic steps.
+    The candidates are scored at time t - h: they are states of that time.
+    """
+    n = cfg.sampler_steps
+    h = 1.0 / n
+    t_lo, t_hi = cfg.timestep_range()
+    in_range = preference_steps(n, t_lo, t_hi)
+    prior = policy.encode(text)
+    batch = prior.mu.shape[0]
+    device = prior.mu.device
+    x = policy.initial_state(prior, cfg.temperature, generator)
+    if cfg.pair_steps == "one":
+        choice = torch.randint(len(in_range), (batch,), generator=generator, device=generator.device)
+        chosen_step = torch.tensor(in_range, device=device)[choice.to(device)]
+    active_any = set(in_range)
+    parts: list[dict[str, Tensor]] = []
+    produced = scored = 0
+    margins: list[Tensor] = []
+    for i, t in enumerate(step_times(n)):
+        if i not in active_any:
+            mean, variance = policy.reverse_step_mean(x, t, h, prior, cfg.guidance)
+            noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
+            x = (mean + variance.sqrt() * noise) * prior.mask
+            continue
+        candidates, _, _ = policy.candidates(x, t, h, prior, cfg.k, generator, cfg.guidance)
+        k = candidates.shape[0]
+        flat = candidates.transpose(0, 1).reshape(batch * k, *candidates.shape[2:])  # item-major
+        result = score_fn(ScoreRequest(
+            states=flat, mask=prior.mask.repeat_interleave(k, 0),
+            t=torch.full((batch * k,), t - h, device=device), emotion=prior.emotion.repeat_interleave(k, 0),
+            durations=prior.durations.repeat_interleave(k, 0),
+        ))
+        scores = result.scores.to(device).reshape(batch, k).T  # (k, B)
+        scored += batch * k
+        win, lose, keep, margin = select_pairs(scores, cfg.threshold)
+        if cfg.pair_steps == "one":
+            keep = keep & (chosen_step == i)
+            produced_here = int((chosen_step == i).sum())
+            margins.append(margin[chosen_step == i])
+        else:
+            produced_here = batch
+            margins.append(margin)
+        produced += produced_here
+        idx = keep.nonzero().squeeze(1)
+        if idx.numel():
+            cols = torch.arange(batch, device=device)
+            parts.append({
+                "x_t": x[idx], "t": torch.full((idx.numel(),), t, device=device),
+                "h": torch.full((idx.numel(),), h, device=device),
+                "mu": prior.mu[idx], "mask": prior.mask[idx], "speaker": prior.speaker[idx],
+                "emotion": prior.emotion[idx],
+                "x_win": candidates[win, cols][idx], "x_lose": candidates[lose, cols][idx],
+                "score_win": scores[win, cols][idx], "score_lose": scores[lose, cols][idx],
+                "trajectory": idx, "step": torch.full((idx.numel(),), i, device=device, dtype=torch.long),
+            })
+        x, _ = choose_next(candidates, scores, cfg.next_state, generator)
+        x = x * prior.mask
+    kept = sum(len(p["t"]) for p in parts)
+    all_margins = torch.cat(margins) if margins else torch.zeros(0)
+    stats = {"pairs_produced": float(produced), "pairs_kept": float(kept),
+             "kept_fraction": kept / produced if produced else 0.0, "candidates_scored": float(scored),
+             "margin_mean": float(all_margins.mean()) if all_margins.numel() else 0.0}
+    like = {"x_t": x, "t": prior.lengths.float(), "h": prior.lengths.float(), "mu": prior.mu, "mask": prior.mask,
+            "speaker": prior.speaker, "emotion": prior.emotion, "x_win": x, "x_lose": x,
+            "score_win": prior.lengths.float(), "score_lose": prior.lengths.float(),
+            "trajectory": prior.lengths, "step": prior.lengths}
+    pairs = PreferenceBatch(**{key: _concat(parts, key, like[key]) for key in like},
+                            version=version, rollout_id=rollout_id, stats=stats)
+    return RolloutResult(pairs, x, prior)
+
+
+# --------------------------------------------------------------------------------------------- loss
+
+def clipped_log_ratio(log_ratio: Tensor, eps: float) -> Tensor:
+    """Clamp log π/π_ref to [log(1 - eps), log(1 + eps)] (SPO's ratio clipping)."""
+    return log_ratio.clamp(torch.log1p(torch.tensor(-eps)).item(), torch.log1p(torch.tensor(eps)).item())
+
+
+def pair_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch, reduce: str, guidance: float = 1.0
+                    ) -> tuple[Tensor, Tensor]:
+    """(l_w, l_l): log π_θ(x|x_t) - log π_ref(x|x_t) of winner and loser, with gradient through π_θ."""
+    prior = pairs.prior()
+    score = policy.score(pairs.x_t, pairs.t, prior, guidance)
+    with torch.no_grad():
+        ref_score = reference.score(pairs.x_t, pairs.t, prior, guidance)
+    beta_min, beta_max = policy.cfg.beta_min, policy.cfg.beta_max
+    h = pairs.h.reshape(-1, 1, 1)
+    mean, variance = diffusion.reverse_step_mean(pairs.x_t, pairs.mu, score, pairs.t, h, beta_min, beta_max)
+    ref_mean, _ = diffusion.reverse_step_mean(pairs.x_t, pairs.mu, ref_score, pairs.t, h, beta_min, beta_max)
+    variance = variance.reshape(-1) if variance.dim() > 1 else variance
+    l_w = diffusion.gaussian_log_ratio(pairs.x_win, mean, ref_mean, variance, pairs.mask, reduce)
+    l_l = diffusion.gaussian_log_ratio(pairs.x_lose, mean, ref_mean, variance, pairs.mask, reduce)
+    return l_w, l_l
+
+
+def preference_loss(l_w: Tensor, l_l: Tensor, score_w: Tensor, score_l: Tensor, cfg: AlignConfig) -> Tensor:
+    """Per-pair loss of the configured objective.
+
+    reward_matched (the paper's description): (β (l_w - l_l) - (S_w - S_l) / reward_scale)²;
+    spo_dpo (the authors' code): -log σ(β (clip(l_w) - clip(l_l))).
+    """
+    if cfg.objective == "reward_matched":
+        return (cfg.beta * (l_w - l_l) - (score_w - score_l) / cfg.reward_scale).pow(2)
+    if cfg.objective == "spo_dpo":
+        return -F.logsigmoid(cfg.beta * (clipped_log_ratio(l_w, cfg.clip_eps) - clipped_log_ratio(l_l, cfg.clip_eps)))
+    raise ValueError(f"objective: {cfg.objective!r}")
+
+
+# ------------------------------------------------------------------------------------------ learner
+
+def frozen_copy(model: GradTTS) -> GradTTS:
+    reference = copy.deepcopy(model).eval()
+    for p in reference.parameters():
+        p.requires_grad_(False)
+    return reference
+
+
+def freeze_all_but_decoder(model: GradTTS) -> list[torch.nn.Parameter]:
+    """Only the score network is trained (encoder, durations, embeddings frozen, as in the paper)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trainable = list(model.decoder.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    return trainable
+
+
+class EASPOLearner:
+    """Policy (decoder trainable), frozen reference, AdamW; one update per PreferenceBatch."""
+
+    def __init__(self, policy: GradTTS, cfg: AlignConfig) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.reference = frozen_copy(policy)
+        self.optimizer = torch.optim.AdamW(freeze_all_but_decoder(policy), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.version = 0
+        self.updates = 0
+        self.pairs_trained = 0
+
+    def update(self, pairs: PreferenceBatch) -> dict[str, float]:
+        """One optimizer step on all pairs of the batch (none → no step, version unchanged)."""
+        stats = {"pairs": float(len(pairs))}
+        if len(pairs) == 0:  # a rollout whose pairs all fell under the threshold still counts as a step
+            self._advance()
+            return stats
+        device = next(self.policy.parameters()).device
+        pairs = pairs.to(device)
+        l_w, l_l = pair_log_ratios(self.policy, self.reference, pairs, self.cfg.reduce, self.cfg.guidance)
+        loss = preference_loss(l_w, l_l, pairs.score_win, pairs.score_lose, self.cfg).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.decoder.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.pairs_trained += len(pairs)
+        self._advance()
+        stats.update({
+            "loss": float(loss.detach()), "grad_norm": float(grad_norm),
+            "log_ratio_win": float(l_w.detach().mean()), "log_ratio_lose": float(l_l.detach().mean()),
+            "log_ratio_margin": float((l_w - l_l).detach().mean()), "log_ratio_abs_max": float(torch.cat([l_w, l_l]).detach().abs().max()),
+            "reward_margin": float((pairs.score_win - pairs.score_lose).mean()),
+            "win_score": float(pairs.score_win.mean()),
+        })
+        return stats
+
+    def _advance(self) -> None:
+        self.updates += 1
+        if self.updates % self.cfg.sync_every == 0:
+            self.version += 1
+
+    def decoder_state(self) -> dict[str, Tensor]:
+        """The only weights rollouts need: the decoder's (everything else is frozen)."""
+        return {k: v.detach().cpu().clone() for k, v in self.policy.decoder.state_dict().items()}
+
+    def state_dict(self) -> dict:
+        return {"decoder": self.decoder_state(), "optimizer": self.optimizer.state_dict(),
+                "version": self.version, "updates": self.updates, "pairs_trained": self.pairs_trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.policy.decoder.load_state_dict(state["decoder"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.version, self.updates, self.pairs_trained = state["version"], state["updates"], state["pairs_trained"]
+
+
+def is_stale(batch_version: int, current_version: int, max_staleness: int) -> bool:
+    """A batch drawn with weights more than `max_staleness` versions old is dropped, not trained on."""
+    return current_version - batch_version > max_staleness

@@ -1,0 +1,273 @@
+"""The alignment stage's pieces shared by the in-process loop and the Ray loop (no Ray here).
+
+Both loops draw rollout number r with `PromptSampler.batch(r)` and `rollout_generator(seed, r)`, so
+a rollout is a pure function of (weights, r): with one rollout actor run synchronously the Ray loop
+produces exactly the in-process loop's pairs (tested). The learner keeps a `PairLedger` in its
+checkpoints; the orchestrator keeps the transport side (lost in flight, dropped as stale).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from rlhf_tts.algos.easpo import EASPOLearner, PreferenceBatch, is_stale, rollout
+from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
+from rlhf_tts.config import RunConfig, stable_hash
+from rlhf_tts.models.gradtts.model import GradTTS, TextBatch
+from rlhf_tts.training.data import Vocabulary
+from rlhf_tts.training.pretrain import BaseModel, base_model_location, resolve_device
+
+ALIGN_VERSION = 1
+ProgressFn = Callable[..., None]
+
+
+# ---------------------------------------------------------------------------------------- prompts
+
+class PromptSampler:
+    """Rollout prompts: (sentence, target emotion, speaker) drawn deterministically per rollout index.
+
+    Target emotions are uniform over all emotions (Neutral included: EASPM scores it like the
+    others); sentences come from the configured split of the manifest, with their phonemes.
+    """
+
+    def __init__(self, rows: list[dict], vocab: Vocabulary, batch_size: int, seed: int) -> None:
+        self.rows = sorted((r for r in rows if r["speaker"] in vocab.speakers), key=lambda r: r["utt_id"])
+        if not self.rows:
+            raise ValueError("no prompts: the split has no utterances of the model's speakers")
+        self.vocab, self.batch_size, self.seed = vocab, batch_size, seed
+
+    def batch(self, index: int) -> tuple[TextBatch, list[str]]:
+        g = torch.Generator().manual_seed(stable_int(self.seed, "prompts", index))
+        picks = torch.randint(len(self.rows), (self.batch_size,), generator=g).tolist()
+        emotions = torch.randint(len(self.vocab.emotions), (self.batch_size,), generator=g)
+        rows = [self.rows[i] for i in picks]
+        ids = [self.vocab.symbols.ids(r["phonemes"]) for r in rows]
+        padded = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+        for i, seq in enumerate(ids):
+            padded[i, : len(seq)] = torch.tensor(seq)
+        text = TextBatch(padded, torch.tensor([len(s) for s in ids]), emotions,
+                         torch.tensor([self.vocab.speakers.index(r["speaker"]) for r in rows]),
+                         [[tuple(s) for s in r["word_spans"]] for r in rows])
+        return text, [r["utt_id"] for r in rows]
+
+
+def stable_int(*parts: object) -> int:
+    return int(stable_hash(*parts, length=15), 16)
+
+
+def rollout_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The RNG of rollout `index`: the same on every actor, so any actor can redo a lost rollout."""
+    return torch.Generator(device=device).manual_seed(stable_int(seed, "rollout", index))
+
+
+# ----------------------------------------------------------------------------------------- ledger
+
+@dataclass
+class PairLedger:
+    """Where every rollout's pairs went. Invariant: produced = consumed + stale + lost_in_flight +
+    rolled_back (+ pending while running); `consumed_ids` guards against training on one twice."""
+
+    rollouts_produced: int = 0
+    pairs_produced: int = 0
+    pairs_consumed: int = 0
+    pairs_dropped_stale: int = 0
+    pairs_rolled_back: int = 0
+    rollouts_lost_in_flight: int = 0
+    rollouts_duplicate: int = 0
+    consumed_ids: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "PairLedger":
+        return cls(**data)
+
+
+# ------------------------------------------------------------------------------------ components
+
+@dataclass
+class AlignedModel:
+    """The aligned policy, saved in the base model's layout (model.json + final/) so that every tool
+    that loads a base model (synthesize, evaluate) loads it too."""
+
+    directory: Path
+
+    @property
+    def final(self) -> Path:
+        return self.directory / "final"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.directory / "checkpoints"
+
+    def as_base(self) -> BaseModel:
+        return BaseModel(self.directory)
+
+
+def align_key(cfg: RunConfig) -> str:
+    from rlhf_tts.training.easpm import easpm_location
+
+    exclude = {"checkpoint_every", "log_every", "device"}
+    return stable_hash(base_model_location(cfg).directory.name, easpm_location(cfg).directory.name,
+                       cfg.align.model_dump(exclude=exclude), cfg.seed, ALIGN_VERSION)
+
+
+def aligned_model_location(cfg: RunConfig) -> AlignedModel:
+    return AlignedModel(Path(cfg.cache_dir) / "align" / align_key(cfg))
+
+
+def load_policy(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[GradTTS, Vocabulary, RunConfig]:
+    base = base_model_location(cfg)
+    if not (base.final / "state.json").is_file():
+        raise FileNotFoundError(f"no base model at {base.directory}: run the pretrain stage first")
+    return base.load(device)
+
+
+def load_reward(cfg: RunConfig, device: torch.device | str = "cpu"):  # noqa: ANN201 - a RewardModel
+    from rlhf_tts.rewards.easpm_reward import EASPMReward
+
+    return EASPMReward.from_config(cfg, device)
+
+
+def load_prompts(cfg: RunConfig, vocab: Vocabulary) -> PromptSampler:
+    from rlhf_tts.data.manifest import read_manifest
+    from rlhf_tts.data.pipeline import dataset_location
+
+    dataset, _ = dataset_location(cfg)
+    rows = [r for r in read_manifest(dataset.manifest_path).to_pylist() if r["split"] == cfg.align.split]
+    return PromptSampler(rows, vocab, cfg.align.prompts_per_rollout, cfg.seed)
+
+
+# --------------------------------------------------------------------------------- learner state
+
+class LearnerCore:
+    """EASPOLearner + ledger + atomic checkpoints; the learner actor is a thin wrapper of this."""
+
+    def __init__(self, cfg: RunConfig, directory: AlignedModel, resume: bool, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.location = cfg, directory
+        policy, self.vocab, self.base_cfg = load_policy(cfg, device)
+        self.learner = EASPOLearner(policy, cfg.align)
+        self.ledger = PairLedger()
+        self._consumed = set()
+        latest = latest_checkpoint(directory.checkpoints) if resume else None
+        if latest is not None:
+            checkpoint = load_checkpoint(latest)
+            restore(checkpoint, self.learner.policy.decoder, self.learner.optimizer)
+            state = checkpoint.state
+            self.learner.version, self.learner.updates = state["version"], state["updates"]
+            self.learner.pairs_trained = state["pairs_trained"]
+            self.ledger = PairLedger.from_json(state["ledger"])
+            self._consumed = set(self.ledger.consumed_ids)
+        elif not resume and directory.checkpoints.exists():
+            shutil.rmtree(directory.checkpoints)
+
+    @property
+    def updates(self) -> int:
+        return self.learner.updates
+
+    @property
+    def version(self) -> int:
+        return self.learner.version
+
+    def update(self, batch: PreferenceBatch) -> dict[str, float]:
+        """Train on one rollout's pairs unless stale or already consumed; checkpoint on schedule."""
+        staleness = self.version - batch.version
+        if batch.rollout_id in self._consumed:
+            self.ledger.rollouts_duplicate += 1
+            return {"skipped": 1.0, "duplicate": 1.0, "staleness": float(staleness)}
+        self.ledger.rollouts_produced += 1
+        self.ledger.pairs_produced += len(batch)
+        if is_stale(batch.version, self.version, self.cfg.distributed.max_staleness):
+            self.ledger.pairs_dropped_stale += len(batch)
+            self._consumed.add(batch.rollout_id)
+            self.ledger.consumed_ids.append(batch.rollout_id)
+            return {"skipped": 1.0, "stale": 1.0, "staleness": float(staleness)}
+        stats = self.learner.update(batch)
+        self.ledger.pairs_consumed += len(batch)
+        self._consumed.add(batch.rollout_id)
+        self.ledger.consumed_ids.append(batch.rollout_id)
+        stats.update({k: float(v) for k, v in batch.stats.items()})
+        stats["staleness"] = float(staleness)
+        stats["version"] = float(self.version)
+        stats["updates"] = float(self.updates)
+        if self.updates % self.cfg.align.checkpoint_every == 0 or self.updates >= self.cfg.align.steps:
+            self.checkpoint()
+        return stats
+
+    def checkpoint(self) -> Path:
+        state = {"version": self.version, "updates": self.updates, "pairs_trained": self.learner.pairs_trained,
+                 "ledger": self.ledger.to_json()}
+        return save_checkpoint(self.location.checkpoints, self.updates, self.learner.policy.decoder,
+                               self.learner.optimizer, {}, state)
+
+    def publish(self) -> AlignedModel:
+        """Write the whole aligned policy as `final/` (atomic rename), in the base model's layout."""
+        location = self.location
+        location.directory.mkdir(parents=True, exist_ok=True)
+        base_meta = json.loads((base_model_location(self.cfg).directory / "model.json").read_text())
+        base_meta["aligned"] = {"align": self.cfg.align.model_dump(mode="json"), "updates": self.updates,
+                                "ledger": {k: v for k, v in self.ledger.to_json().items() if k != "consumed_ids"}}
+        (location.directory / "model.json").write_text(json.dumps(base_meta, indent=1))
+        staging = location.directory / f".final-staging-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        written = save_checkpoint(staging, self.updates, self.learner.policy, None, {}, {"ledger": base_meta["aligned"]})
+        tmp = location.directory / f".final.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        written.rename(tmp)
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(location.final, ignore_errors=True)
+        tmp.rename(location.final)
+        return location
+
+    def decoder_state(self) -> dict[str, torch.Tensor]:
+        return self.learner.decoder_state()
+
+
+# ------------------------------------------------------------------------------- in-process loop
+
+def run_inprocess_alignment(
+    cfg: RunConfig, resume: bool = False, progress: ProgressFn | None = None, tracker=None,  # noqa: ANN001
+    stop_after: int | None = None, on_pairs: Callable[[int, PreferenceBatch], None] | None = None,
+) -> tuple[AlignedModel, dict]:
+    """EASPO without Ray: rollout r, then one learner update, for r = 0, 1, … until `align.steps`.
+
+    The rollout policy is the learner's own policy, so weights are always current (staleness 0).
+    """
+    report = progress or (lambda *a, **k: None)
+    location = aligned_model_location(cfg)
+    if (location.final / "state.json").is_file():
+        return location, json.loads((location.directory / "model.json").read_text())["aligned"]
+    device = resolve_device(cfg.align.device)
+    core = LearnerCore(cfg, location, resume, device)
+    reward = load_reward(cfg, device)
+    prompts = load_prompts(cfg, core.vocab)
+    index = core.ledger.rollouts_produced  # in-process, rollout r is produced once, in order
+    started = time.monotonic()
+    while core.updates < cfg.align.steps and (stop_after is None or core.updates < stop_after):
+        text, _ = prompts.batch(index)
+        result = rollout(core.learner.policy, text.to(device), cfg.align, reward.score,
+                         rollout_generator(cfg.seed, index, device), core.version, f"r{index}")
+        if on_pairs is not None:
+            on_pairs(index, result.batch)
+        stats = core.update(result.batch)
+        index += 1
+        if tracker is not None and (core.updates % cfg.align.log_every == 0):
+            elapsed = max(time.monotonic() - started, 1e-6)
+            tracker.log_metrics({f"align/{k}": v for k, v in stats.items()} |
+                                {"align/pairs_per_s": core.ledger.pairs_produced / elapsed}, step=core.updates)
+        report("align EASPO (in-process)", core.updates, cfg.align.steps,
+               info=f"loss {stats.get('loss', float('nan')):.4f} kept {stats.get('kept_fraction', 0):.2f}")
+    summary = {"updates": core.updates, "seconds": time.monotonic() - started,
+               **{k: v for k, v in core.ledger.to_json().items() if k != "consumed_ids"}}
+    if core.updates >= cfg.align.steps:
+        core.publish()
+    return location, summary

@@ -1,0 +1,171 @@
+"""EASPO's pure functions (METHOD.md §3): selection, next state, pair timing, objectives, clipping."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_tts.algos import easpo
+from rlhf_tts.config import AlignConfig, load_config
+from rlhf_tts.rewards.base import ScoreRequest, ScoreResult, concat_requests, split_result
+from test_gradtts import text_batch, tiny_model
+
+
+def align_cfg(**kw) -> AlignConfig:
+    return load_config(None, ["preset=smoke", *[f"align.{k}={v}" for k, v in kw.items()]]).align
+
+
+def emotion_energy_reward(request: ScoreRequest) -> ScoreResult:
+    """A deterministic stand-in reward: mean of the masked state (distinct per candidate)."""
+    mask = request.mask.expand_as(request.states)
+    return ScoreResult((request.states * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)))
+
+
+def test_preference_steps_follow_kappa_and_range():
+    assert easpo.preference_steps(20, 0.0, 0.75) == list(range(5, 20))  # κ = 0.25: skip the first 5 of 20
+    assert all(0.25 <= easpo.step_times(20)[i] <= 0.75 for i in easpo.preference_steps(20, 0.25, 0.75))
+    assert easpo.preference_steps(20, 0.0, 1.0) == list(range(20))
+
+
+def test_selection_respects_threshold():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(4, 500, generator=g) * 2
+    win, lose, keep, margin = easpo.select_pairs(scores, 0.3)
+    assert torch.equal(win, scores.argmax(0)) and torch.equal(lose, scores.argmin(0))
+    gap = scores.max(0).values - scores.min(0).values
+    assert torch.allclose(margin, torch.tanh(gap / 2), atol=1e-6)
+    assert bool((margin[keep] > 0.3).all()) and bool((margin[~keep] <= 0.3).all())
+    assert 0 < int(keep.sum()) < 500
+    tie = easpo.select_pairs(torch.zeros(4, 3), 0.0)[2]
+    assert not bool(tie.any())  # equal scores never make a pair
+
+
+def test_next_state_is_uniform_over_candidates():
+    k, batch, n = 4, 1, 8000
+    candidates = torch.arange(k, dtype=torch.float32).reshape(k, 1, 1, 1).expand(k, batch, 1, 1)
+    scores = torch.tensor([[0.0], [5.0], [1.0], [2.0]])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(k)
+    for _ in range(n):
+        picked, index = easpo.choose_next(candidates, scores, "random", g)
+        assert float(picked.flatten()[0]) == float(index[0])
+        counts[index] += 1
+    chi2 = float(((counts - n / k) ** 2 / (n / k)).sum())
+    assert chi2 < 16.27  # χ²(3) at p = 0.001: uniform, not biased toward the winner (index 1)
+    _, greedy = easpo.choose_next(candidates, scores, "greedy", g)
+    assert int(greedy[0]) == 1
+
+
+@pytest.mark.parametrize("t_range", [(0.0, 0.75), (0.25, 0.75), (0.4, 0.6)])
+def test_no_pair_outside_the_timestep_range(t_range):
+    cfg = align_cfg(threshold=0.0, sampler_steps=10, t_range=f"[{t_range[0]},{t_range[1]}]")
+    result = easpo.rollout(tiny_model(), text_batch(3, 9), cfg, emotion_energy_reward, torch.Generator().manual_seed(0))
+    pairs = result.batch
+    assert len(pairs) > 0
+    assert bool(((pairs.t >= t_range[0] - 1e-6) & (pairs.t <= t_range[1] + 1e-6)).all())
+    expected_steps = easpo.preference_steps(10, *t_range)
+    assert set(pairs.step.tolist()) <= set(expected_steps)
+    assert bool((pairs.score_win > pairs.score_lose).all())
+
+
+def test_pair_steps_one_yields_one_pair_per_trajectory():
+    cfg = align_cfg(threshold=0.0, sampler_steps=10, pair_steps="one")
+    result = easpo.rollout(tiny_model(), text_batch(4, 9), cfg, emotion_energy_reward, torch.Generator().manual_seed(3))
+    assert sorted(result.batch.trajectory.tolist()) == [0, 1, 2, 3]
+    all_cfg = align_cfg(threshold=0.0, sampler_steps=10, pair_steps="all")
+    dense = easpo.rollout(tiny_model(), text_batch(4, 9), all_cfg, emotion_energy_reward, torch.Generator().manual_seed(3))
+    assert len(dense.batch) == 4 * len(easpo.preference_steps(10, 0.0, 0.75))
+
+
+def test_rollout_is_deterministic_and_pairs_come_from_one_state():
+    cfg = align_cfg(threshold=0.0, sampler_steps=6, k=3)
+    a = easpo.rollout(tiny_model(), text_batch(2, 7), cfg, emotion_energy_reward, torch.Generator().manual_seed(5))
+    b = easpo.rollout(tiny_model(), text_batch(2, 7), cfg, emotion_energy_reward, torch.Generator().manual_seed(5))
+    assert torch.equal(a.batch.x_win, b.batch.x_win) and torch.equal(a.final, b.final)
+    # winner and loser were drawn from the same mean: their difference is pure step noise
+    var = easpo.diffusion.beta(a.batch.t, 0.05, 20.0) * a.batch.h
+    diff = (a.batch.x_win - a.batch.x_lose) * a.batch.mask
+    per_elem = diff.pow(2).sum(dim=(1, 2)) / a.batch.mask.expand_as(diff).sum(dim=(1, 2))
+    assert torch.allclose(per_elem.mean() / (2 * var).mean(), torch.tensor(1.0), atol=0.15)
+
+
+def _pairs(model, cfg, seed=0):
+    return easpo.rollout(model, text_batch(3, 9), cfg, emotion_energy_reward, torch.Generator().manual_seed(seed)).batch
+
+
+def _margin(learner, pairs, cfg):
+    with torch.no_grad():
+        l_w, l_l = easpo.pair_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce)
+    return l_w, l_l
+
+
+def test_reward_matched_gradient_moves_log_ratio_margin_toward_reward_margin():
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3, beta=10.0)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    pairs = _pairs(learner.policy, cfg)
+    target = (pairs.score_win - pairs.score_lose) / cfg.reward_scale
+    l_w, l_l = _margin(learner, pairs, cfg)
+    assert torch.allclose(l_w, torch.zeros_like(l_w)) and torch.allclose(l_l, torch.zeros_like(l_l))  # policy = ref
+    before = float((cfg.beta * (l_w - l_l) - target).abs().mean())
+    for _ in range(15):
+        learner.update(pairs)
+    l_w, l_l = _margin(learner, pairs, cfg)
+    after = float((cfg.beta * (l_w - l_l) - target).abs().mean())
+    assert after < 0.7 * before
+    assert float((l_w - l_l).mean()) > 0  # moved toward the (positive) reward margin
+
+
+def test_spo_dpo_gradient_raises_margin_and_clipping_bounds_the_ratio():
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="spo_dpo", lr=1e-3, clip_eps=0.1)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    pairs = _pairs(learner.policy, cfg)
+    for _ in range(3):
+        learner.update(pairs)
+    l_w, l_l = _margin(learner, pairs, cfg)
+    assert float((l_w - l_l).mean()) > 0
+    wide = torch.linspace(-3, 3, 101)
+    ratio = easpo.clipped_log_ratio(wide, 0.1).exp()
+    assert float(ratio.min()) >= 0.9 - 1e-6 and float(ratio.max()) <= 1.1 + 1e-6
+    # outside the clip range the objective gives no gradient (the ratio is held at its bound)
+    l = torch.tensor([2.0, -2.0], requires_grad=True)
+    easpo.preference_loss(l[:1], l[1:], torch.ones(1), torch.zeros(1), cfg).sum().backward()
+    assert torch.equal(l.grad, torch.zeros(2))
+
+
+def test_learner_trains_only_the_decoder_and_reference_stays_frozen():
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, lr=1e-3)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    encoder_before = {k: v.clone() for k, v in learner.policy.encoder.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in learner.reference.state_dict().items()}
+    learner.update(_pairs(learner.policy, cfg))
+    assert all(torch.equal(v, learner.policy.encoder.state_dict()[k]) for k, v in encoder_before.items())
+    assert all(torch.equal(v, learner.reference.state_dict()[k]) for k, v in ref_before.items())
+    assert any(not torch.equal(v, learner.reference.decoder.state_dict()[k])
+               for k, v in learner.policy.decoder.state_dict().items())
+    assert learner.version == 1 and learner.updates == 1
+
+
+def test_log_ratio_reduce_sum_is_mean_times_elements():
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, lr=1e-3)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    pairs = _pairs(learner.policy, cfg)
+    learner.update(pairs)
+    mean_w, _ = easpo.pair_log_ratios(learner.policy, learner.reference, pairs, "mean")
+    sum_w, _ = easpo.pair_log_ratios(learner.policy, learner.reference, pairs, "sum")
+    n = pairs.mask.sum(dim=(1, 2)) * pairs.x_t.shape[1]
+    assert torch.allclose(sum_w, mean_w * n, rtol=1e-4)
+
+
+def test_staleness_bound():
+    assert not easpo.is_stale(3, 5, 2) and easpo.is_stale(2, 5, 2) and not easpo.is_stale(5, 5, 0)
+
+
+def test_batched_requests_split_back_in_order():
+    g = torch.Generator().manual_seed(0)
+    requests = [ScoreRequest(torch.randn(n, 4, length, generator=g), torch.ones(n, 1, length), torch.full((n,), 0.3),
+                             torch.zeros(n, dtype=torch.long)) for n, length in ((2, 5), (3, 8), (1, 4))]
+    merged, sizes = concat_requests(requests)
+    assert merged.states.shape == (6, 4, 8) and sizes == [2, 3, 1]
+    parts = split_result(emotion_energy_reward(merged), sizes)
+    for request, part in zip(requests, parts):
+        assert torch.allclose(part.scores, emotion_energy_reward(request).scores, atol=1e-6)
