@@ -5,6 +5,8 @@ of those twice."""
 
 from __future__ import annotations
 
+import uuid
+
 import ray
 import torch
 
@@ -22,13 +24,17 @@ class LearnerActor:
         # A restarted actor (restart count > 0) always resumes: its first life wrote the checkpoints.
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.core = LearnerCore(cfg, aligned_model_location(cfg), resume or restarted, device)
+        # Calls queued while the actor restarts run on the new incarnation without an error, so every
+        # answer names its incarnation: the driver sees a restart even when no call failed.
+        self.incarnation = uuid.uuid4().hex
 
-    def update(self, batch: PreferenceBatch) -> dict[str, float]:
-        return self.core.update(batch)
+    def update(self, batch: PreferenceBatch) -> tuple[str, dict[str, float]]:
+        return self.incarnation, self.core.update(batch)
 
     def status(self) -> dict:
-        return {"updates": self.core.updates, "version": self.core.version,
-                "ledger": {k: v for k, v in self.core.ledger.to_json().items() if k != "consumed_ids"},
+        return {"incarnation": self.incarnation, "updates": self.core.updates, "version": self.core.version,
+                "ledger": {k: v for k, v in self.core.ledger.to_json().items() if k not in ("consumed_ids", "pair_digests")},
+                "pair_digests": dict(self.core.ledger.pair_digests),
                 "consumed_ids": list(self.core.ledger.consumed_ids)}
 
     def weights(self) -> tuple[int, dict[str, torch.Tensor]]:

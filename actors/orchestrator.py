@@ -172,6 +172,7 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
     version = status["version"]
     updates = status["updates"]
     initial_rollouts = status["ledger"]["rollouts_produced"]  # from an earlier run, when resuming
+    learner_incarnation = status["incarnation"]
     weights = actors.learner.decoder_weights.remote()  # one object, shared by every rollout actor
     for actor in actors.rollouts:
         actor.set_weights.remote(version, weights)
@@ -202,21 +203,29 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
         ledger.completed += 1
         pairs_seen += int(rollout_stats["pairs_kept"])
         try:
-            stats = ray.get(actors.learner.update.remote(batch_ref))
-            ledger.sent_to_learner.append(f"r{index}")
-        except RayActorError:
+            incarnation, stats = ray.get(actors.learner.update.remote(batch_ref))
+        except RayActorError:  # the learner died during this update
             ledger.lost_in_learner += 1
+            incarnation, stats = None, None
+        if incarnation != learner_incarnation:
+            # The learner restarted from its checkpoint: what it trained on since then is rolled back.
             ledger.learner_restarts_seen += 1
             status = _wait_alive(actors.learner, "status")
+            learner_incarnation = status["incarnation"]
             restored = set(status["consumed_ids"])
-            rolled = [r for r in ledger.sent_to_learner if r not in restored]
-            ledger.rolled_back += len(rolled)
+            if stats is not None:
+                ledger.sent_to_learner.append(f"r{index}")
+            elif f"r{index}" in restored:  # it died after checkpointing this very update
+                ledger.lost_in_learner -= 1
+                ledger.sent_to_learner.append(f"r{index}")
+            ledger.rolled_back += sum(1 for r in ledger.sent_to_learner if r not in restored)
             ledger.sent_to_learner = [r for r in ledger.sent_to_learner if r in restored]
             updates, version = status["updates"], status["version"]
             weights = actors.learner.decoder_weights.remote()
             for actor in actors.rollouts:
                 actor.set_weights.remote(version, weights)
             continue
+        ledger.sent_to_learner.append(f"r{index}")
         updates = int(stats.get("updates", updates))
         if stats.get("skipped"):
             report("align EASPO (Ray)", updates, cfg.align.steps, info="dropped a stale batch")

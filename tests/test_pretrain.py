@@ -146,7 +146,7 @@ def test_mcd_and_cepstra():
 def test_base_quality_report_runs_on_a_trained_model(trained_smoke):
     import json
 
-    result = subprocess.run([sys.executable, "-m", "rlhf_tts.eval.base_quality", "--steps", "4", "--split", "train",
+    result = subprocess.run([sys.executable, "-m", "rlhf_tts.eval.base_quality", "--steps", "4", "--split", "train", "--rate-splits", "train,val,test",
                              "preset=smoke", f"cache_dir={trained_smoke / 'cache'}", f"output_dir={trained_smoke / 'eval'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

@@ -1,6 +1,6 @@
 """Held-out quality of a base model: mel-cepstral distortion and speaking rate per emotion.
 
-    python -m rlhf_tts.eval.base_quality [--model DIR] [--split test] [--max-utts N] [key=value ...]
+    python -m rlhf_tts.eval.base_quality [--model DIR] [--split test] [--rate-splits val,test] [--max-utts N] [key=value ...]
 
 MCD: ground-truth durations (MAS of the model's own `mu` against the reference mel, as in training)
 make the synthesis frame-aligned with its reference, so no DTW is needed. Cepstra are the cosine
@@ -10,8 +10,9 @@ dB. Values are comparable between systems scored here, not with WORLD/SPTK mel-c
 scored the same way as a reference point: the decoder should improve on it.
 
 Speaking rate: phoneme tokens per second, of the corpus (text length over audio duration) and of the
-model (the same tokens over its predicted durations), per emotion. Emotion conditioning works when
-the model orders the emotions by rate as the corpus does.
+model (the same tokens over its predicted durations), per emotion, pooled over the held-out splits
+(val + test by default: every sentence is spoken in every emotion, so more sentences make a firmer
+test). Emotion conditioning works when the model orders the emotions by rate as the corpus does.
 """
 
 from __future__ import annotations
@@ -54,8 +55,38 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 @torch.no_grad()
+def speaking_rates(model, vocab, dataset, splits: tuple[str, ...], seconds_per_frame: float  # noqa: ANN001
+                   ) -> tuple[dict[str, dict[str, float]], int]:
+    """Phonemes per second per emotion, of the corpus and of the model's predicted durations.
+
+    Pooled as total phonemes over total seconds (a ratio of sums: long utterances weigh by their
+    length, and one short clip cannot swing an emotion's figure) over all held-out splits, since the
+    same sentences are spoken in every emotion and more sentences make the ordering a firmer test.
+    """
+    from rlhf_tts.data.manifest import read_manifest
+    from rlhf_tts.training.data import collate, load_utterances
+
+    rows = [r for r in read_manifest(dataset.manifest_path).to_pylist()
+            if r["split"] in splits and r["speaker"] in vocab.speakers]
+    utterances = load_utterances(rows, dataset.mel_dir, vocab)
+    totals: dict[str, list[float]] = {}
+    for start in range(0, len(utterances), 32):
+        chunk = utterances[start : start + 32]
+        predicted = model.encode(collate(chunk).text.to(next(model.parameters()).device))
+        for i, utt in enumerate(chunk):
+            row = rows[start + i]
+            acc = totals.setdefault(row["emotion"], [0.0, 0.0, 0.0])
+            acc[0] += len(utt.ids)
+            acc[1] += row["duration_s"]
+            acc[2] += float(predicted.durations[i].sum()) * seconds_per_frame
+    rates = {e: {"corpus": totals[e][0] / totals[e][1], "model": totals[e][0] / totals[e][2]}
+             for e in vocab.emotions if e in totals}
+    return rates, len(rows)
+
+
+@torch.no_grad()
 def evaluate_base_model(cfg: RunConfig, model_dir: str | None, split: str, max_utts: int | None, n_steps: int = 20,
-                        seed: int = 0) -> dict:
+                        seed: int = 0, rate_splits: tuple[str, ...] = ("val", "test")) -> dict:
     from rlhf_tts.data.manifest import read_manifest
     from rlhf_tts.data.pipeline import dataset_location
     from rlhf_tts.inference import Synthesizer
@@ -78,7 +109,6 @@ def evaluate_base_model(cfg: RunConfig, model_dir: str | None, split: str, max_u
         text = batch.text
         prior = model.encode(text, durations=model.ground_truth_durations(text, batch.mel, batch.mel_lengths))
         sampled = model.sample(prior, n_steps, generator=generator)
-        predicted = model.encode(text)  # the model's own durations
         for i, utt in enumerate(chunk):
             n = int(batch.mel_lengths[i])
             reference = batch.mel[i, :, :n]
@@ -86,19 +116,18 @@ def evaluate_base_model(cfg: RunConfig, model_dir: str | None, split: str, max_u
             per_utt.append({
                 "utt_id": utt.utt_id, "emotion": row["emotion"],
                 "mcd_db": mcd_db(reference, sampled[i, :, :n]), "mcd_mu_db": mcd_db(reference, prior.mu[i, :, :n]),
-                "corpus_rate": len(utt.ids) / row["duration_s"],
-                "model_rate": len(utt.ids) / (float(predicted.durations[i].sum()) * hop / sr),
             })
-    emotions = [e for e in vocab.emotions if any(u["emotion"] == e for u in per_utt)]
-    rates = {e: {"corpus": float(np.mean([u["corpus_rate"] for u in per_utt if u["emotion"] == e])),
-                 "model": float(np.mean([u["model_rate"] for u in per_utt if u["emotion"] == e]))} for e in emotions}
+    rates, rate_rows = speaking_rates(model, vocab, dataset, rate_splits, hop / sr)
+    emotions = [e for e in vocab.emotions if e in rates]
     corpus_order = sorted(emotions, key=lambda e: rates[e]["corpus"])
     model_order = sorted(emotions, key=lambda e: rates[e]["model"])
     return {
         "split": split, "n_utterances": len(per_utt), "sampler_steps": n_steps,
         "mcd_db": float(np.mean([u["mcd_db"] for u in per_utt])),
         "mcd_mu_db": float(np.mean([u["mcd_mu_db"] for u in per_utt])),
-        "mcd_db_per_emotion": {e: float(np.mean([u["mcd_db"] for u in per_utt if u["emotion"] == e])) for e in emotions},
+        "mcd_db_per_emotion": {e: float(np.mean([u["mcd_db"] for u in per_utt if u["emotion"] == e]))
+                               for e in emotions if any(u["emotion"] == e for u in per_utt)},
+        "rate_splits": list(rate_splits), "rate_utterances": rate_rows,
         "speaking_rate_phones_per_s": rates,
         "rate_order_corpus": corpus_order, "rate_order_model": model_order,
         "rate_order_matches": corpus_order == model_order,
@@ -115,8 +144,12 @@ def report_markdown(result: dict) -> str:
         "| emotion | corpus phones/s | model phones/s | MCD dB |", "|---|---:|---:|---:|",
     ]
     for emotion, rate in result["speaking_rate_phones_per_s"].items():
-        lines.append(f"| {emotion} | {rate['corpus']:.2f} | {rate['model']:.2f} | {result['mcd_db_per_emotion'][emotion]:.2f} |")
-    lines.append(f"\nRate order, slowest first — corpus: {', '.join(result['rate_order_corpus'])}; "
+        mcd = result["mcd_db_per_emotion"].get(emotion)
+        lines.append(f"| {emotion} | {rate['corpus']:.2f} | {rate['model']:.2f} | "
+                     f"{'' if mcd is None else f'{mcd:.2f}'} |")
+    lines.append(f"\nSpeaking rates pooled over {'+'.join(result['rate_splits'])} "
+                 f"({result['rate_utterances']} utterances).")
+    lines.append(f"Rate order, slowest first — corpus: {', '.join(result['rate_order_corpus'])}; "
                  f"model: {', '.join(result['rate_order_model'])}; "
                  f"{'matches' if result['rate_order_matches'] else 'DOES NOT match'} "
                  f"(Spearman {result['rate_spearman']:.2f}).")
@@ -126,7 +159,9 @@ def report_markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rlhf_tts.eval.base_quality", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="base model folder (default: the one the config trained)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="split for MCD")
+    parser.add_argument("--rate-splits", default="val,test",
+                        help="comma-separated splits pooled for the speaking-rate ordering (default val,test)")
     parser.add_argument("--max-utts", type=int, default=0, help="evaluate at most N utterances (0 = all)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--config")
@@ -136,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        result = evaluate_base_model(cfg, args.model, args.split, args.max_utts or None, args.steps)
+        splits = tuple(s.strip() for s in args.rate_splits.split(",") if s.strip())
+        if not splits or any(s not in ("train", "val", "test") for s in splits):
+            raise InputError(f"--rate-splits: {args.rate_splits!r} is not a comma-separated list of train, val, test")
+        result = evaluate_base_model(cfg, args.model, args.split, args.max_utts or None, args.steps,
+                                     rate_splits=splits)
     except (ConfigError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -83,6 +83,7 @@ class PairLedger:
     rollouts_lost_in_flight: int = 0
     rollouts_duplicate: int = 0
     consumed_ids: list[str] = field(default_factory=list)
+    pair_digests: dict[str, str] = field(default_factory=dict)  # rollout id → digest of the pairs trained on
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -147,6 +148,16 @@ def load_prompts(cfg: RunConfig, vocab: Vocabulary) -> PromptSampler:
     return PromptSampler(rows, vocab, cfg.align.prompts_per_rollout, cfg.seed)
 
 
+def batch_digest(batch: PreferenceBatch) -> str:
+    """SHA-1 of a batch's pairs (states, candidates, scores, times): equal digests = identical pairs."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for tensor in (batch.x_t, batch.x_win, batch.x_lose, batch.score_win, batch.score_lose, batch.t, batch.step):
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 # --------------------------------------------------------------------------------- learner state
 
 class LearnerCore:
@@ -192,6 +203,7 @@ class LearnerCore:
             self.ledger.consumed_ids.append(batch.rollout_id)
             return {"skipped": 1.0, "stale": 1.0, "staleness": float(staleness)}
         stats = self.learner.update(batch)
+        self.ledger.pair_digests[batch.rollout_id] = batch_digest(batch)
         self.ledger.pairs_consumed += len(batch)
         self._consumed.add(batch.rollout_id)
         self.ledger.consumed_ids.append(batch.rollout_id)
