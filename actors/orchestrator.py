@@ -92,17 +92,27 @@ class Actors:
     reward: ray.actor.ActorHandle
     rollouts: list[ray.actor.ActorHandle]
     placement: object
+    owns_placement: bool = True  # False inside a Tune trial: the trial's group is Tune's to remove
 
 
-def start_actors(cfg: RunConfig, resume: bool) -> Actors:
+def start_actors(cfg: RunConfig, resume: bool, placement: tuple[object, int] | None = None) -> Actors:
+    """Start learner, reward and rollout actors, one per bundle of `bundles(cfg)`.
+
+    `placement=(group, first)` puts them in an existing placement group whose bundles `first`,
+    `first + 1`, … are `bundles(cfg)` (a Tune trial's group: bundle 0 is the trial's own process);
+    otherwise a group of its own is created with `distributed.placement_strategy`.
+    """
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     specs = bundles(cfg, gpus)
-    pg = placement_group(specs, strategy=cfg.distributed.placement_strategy)
+    if placement is None:
+        pg, first = placement_group(specs, strategy=cfg.distributed.placement_strategy), 0
+    else:
+        pg, first = placement
     ray.get(pg.ready(), timeout=600)
     cfg_json = cfg.model_dump(mode="json")
 
     def at(i: int) -> PlacementGroupSchedulingStrategy:
-        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+        return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=first + i)
 
     def resources(i: int) -> dict:
         spec = specs[i]
@@ -117,7 +127,7 @@ def start_actors(cfg: RunConfig, resume: bool) -> Actors:
     rollouts = [RolloutActor.options(max_restarts=d.max_restarts, scheduling_strategy=at(2 + i),
                                      **resources(2 + i)).remote(cfg_json, reward, i)
                 for i in range(d.num_rollout_actors)]
-    return Actors(learner, reward, rollouts, pg)
+    return Actors(learner, reward, rollouts, pg, owns_placement=placement is None)
 
 
 def _wait_alive(handle, method: str = "ping", timeout_s: float = 300.0):  # noqa: ANN001, ANN202
@@ -134,11 +144,12 @@ def _wait_alive(handle, method: str = "ping", timeout_s: float = 300.0):  # noqa
 
 def run_ray_alignment(
     cfg: RunConfig, resume: bool = False, progress: ProgressFn | None = None, tracker=None,  # noqa: ANN001
-    on_update: Callable[[int, Actors], None] | None = None,
+    on_update: Callable[[int, Actors], None] | None = None, placement: tuple[object, int] | None = None,
 ) -> tuple[AlignedModel, dict]:
     """Run EASPO on Ray until the learner has made `align.steps` updates; publish the aligned model.
 
-    `on_update(updates, actors)` is called after each learner update (tests use it to kill actors).
+    `on_update(updates, actors)` is called after each learner update (tests use it to kill actors;
+    Tune trials report from it). `placement`: see `start_actors`.
     """
     import json
 
@@ -147,7 +158,7 @@ def run_ray_alignment(
     if (location.final / "state.json").is_file():
         return location, json.loads((location.directory / "model.json").read_text())["aligned"]
     started_ray = connect(cfg)
-    actors = start_actors(cfg, resume)
+    actors = start_actors(cfg, resume, placement)
     ledger = TransportLedger()
     try:
         summary = _loop(cfg, actors, ledger, report, tracker, on_update)
@@ -158,7 +169,8 @@ def run_ray_alignment(
     finally:
         for handle in [actors.learner, actors.reward, *actors.rollouts]:
             ray.kill(handle, no_restart=True)
-        remove_placement_group(actors.placement)
+        if actors.owns_placement:
+            remove_placement_group(actors.placement)
         if started_ray:
             ray.shutdown()
 

@@ -23,7 +23,7 @@ StageName = Literal["data", "pretrain", "easpm", "judges", "align", "evaluate"]
 #: Stages in pipeline order. Later issues implement the rest; asking for one that does not exist yet
 #: is a config error rather than a silent no-op.
 ALL_STAGES: tuple[str, ...] = ("data", "pretrain", "easpm", "judges", "align", "evaluate")
-IMPLEMENTED_STAGES: tuple[str, ...] = ("data", "pretrain")
+IMPLEMENTED_STAGES: tuple[str, ...] = ("data", "pretrain", "easpm")
 
 #: eSpeak NG voices used as speakers of the synthetic corpus: four accents, male and female variants,
 #: so speakers differ in pitch, timbre and vowel quality as real ones do. Variants with a `breath`
@@ -128,6 +128,9 @@ class GradTTSConfig(_Strict):
     emotion_dropout: float = Field(
         0.1, ge=0.0, lt=1.0, description="label dropout on the decoder's emotion: enables classifier-free guidance"
     )
+    total_duration_weight: float = Field(
+        1.0, ge=0.0, description="weight of the utterance-length loss (log total frames) added to Grad-TTS's "
+        "per-phoneme log-duration MSE; it is what teaches the predictor each emotion's speaking rate")
     beta_min: float = Field(0.05, gt=0.0)
     beta_max: float = Field(20.0, gt=0.0)
     pe_scale: float = Field(1000.0, gt=0.0)
@@ -169,12 +172,104 @@ class EASPMConfig(_Strict):
     """EASPM, the time-conditioned emotion preference model (METHOD §2). Owned by models/easpm.py."""
 
     # --- fields: easpm section (issue 5) ---
+    # Audio tower (conv front end + time-modulated transformer) and prompt tower sizes.
+    dim: int = Field(96, ge=8, description="audio tower width")
+    layers: int = Field(3, ge=1, description="time-modulated transformer blocks of the audio tower")
+    heads: int = Field(4, ge=1)
+    ff_mult: int = Field(2, ge=1, description="feed-forward width = ff_mult * dim")
+    conv_kernel: int = Field(5, ge=1, description="front-end conv kernel (odd)")
+    downsample_layers: int = Field(2, ge=0, le=4, description="stride-2 convs before the transformer (T / 2^n tokens)")
+    time_dim: int = Field(64, ge=4, description="sinusoidal time-embedding size (even)")
+    text_dim: int = Field(64, ge=8, description="prompt tower width")
+    text_layers: int = Field(1, ge=1)
+    text_heads: int = Field(2, ge=1)
+    embed_dim: int = Field(64, ge=4, description="shared embedding size of a and u")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    logit_scale_init: float = Field(10.0, ge=1.0, description="initial exp(logit_scale) (CLIP: 1/0.07)")
+    logit_scale_max: float = Field(100.0, ge=1.0, description="exp(logit_scale) is clamped to [1, this] (CLIP: 100)")
+    # What the model scores (METHOD §2 open choice) and how its training states are built.
+    input: Literal["noisy", "x0_hat"] = Field(
+        "noisy", description="noisy: x_t itself (the paper's wording, default); x0_hat: the base model's one-step "
+        "clean estimate (SPO's code; needs the frozen base model at scoring time)")
+    prior_emotion: Literal["own", "neutral"] = Field(
+        "neutral", description="emotion label of the base encoder's mu in x_t = rho x0 + (1 - rho) mu + noise: "
+        "neutral keeps the label out of mu so that the model must read emotion from the audio (x0) part; own "
+        "uses each utterance's label (then mu alone reveals the emotion at large t)")
+    # Training.
+    steps: int = Field(1500, ge=1)
+    batch_pairs: int = Field(16, ge=1, description="(target, other) pairs per step; InfoNCE sees all 2x items")
+    lr: float = Field(1e-3, gt=0.0)
+    warmup_steps: int = Field(100, ge=0, description="linear lr warm-up, then cosine decay to lr/10")
+    weight_decay: float = Field(0.01, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    max_frames: int = Field(256, ge=8, description="training crops (frames); pairs are cropped to a common length")
+    infonce_weight: float = Field(1.0, ge=0.0, description="audio→prompt InfoNCE over the emotion prompts")
+    bt_weight: float = Field(1.0, ge=0.0, description="Bradley–Terry loss on same-text pairs with shared noise")
+    # The accuracy-vs-t curve and bookkeeping.
+    t_grid: list[float] = Field(
+        default_factory=lambda: [round(0.1 * i, 2) for i in range(11)], description="times of the accuracy curve")
+    curve_split: Literal["train", "val", "test"] = Field("val", description="split of the accuracy-vs-t curve")
+    curve_seed: int = Field(1234, description="noise of the curve (fixed, so curves compare across runs)")
+    eval_every: int = Field(500, ge=1, description="steps between curve evaluations during training")
+    checkpoint_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EASPMConfig":
+        if self.dim % self.heads:
+            raise ValueError("dim must be divisible by heads")
+        if self.text_dim % self.text_heads:
+            raise ValueError("text_dim must be divisible by text_heads")
+        if self.time_dim % 2:
+            raise ValueError("time_dim must be even")
+        if self.conv_kernel % 2 == 0:
+            raise ValueError("conv_kernel must be odd")
+        if not self.t_grid or any(not 0.0 <= t <= 1.0 for t in self.t_grid):
+            raise ValueError("t_grid: times must lie in [0, 1]")
+        if self.infonce_weight == 0 and self.bt_weight == 0:
+            raise ValueError("infonce_weight: at least one of infonce_weight and bt_weight must be positive")
+        return self
 
 
 class JudgesConfig(_Strict):
     """Evaluation judges (METHOD §5): never a reward. Owned by rlhf_tts/eval/."""
 
     # --- fields: judges section (issue 4) ---
+    # The emotion judge: an ECAPA-style TDNN (SE-Res blocks, attentive statistics pooling) over log-mels,
+    # deliberately unlike EASPM's time-FiLM transformer, trained on the train split's recordings only.
+    emotion_channels: int = Field(64, ge=8, description="TDNN width; frame features are 3x this after aggregation")
+    emotion_embedding_dim: int = Field(128, ge=8, description="utterance embedding used for Emo SIM")
+    emotion_epochs: int = Field(30, ge=1)
+    emotion_batch_size: int = Field(32, ge=2)
+    emotion_lr: float = Field(2e-3, gt=0.0, description="AdamW peak lr, one-cycle cosine schedule")
+    emotion_weight_decay: float = Field(1e-3, ge=0.0)
+    emotion_dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    emotion_vad_weight: float = Field(1.0, ge=0.0, description="weight of the word-VAD loss (MSE + 1 - CCC)")
+    emotion_augment: float = Field(
+        0.5, ge=0.0, le=1.0, description="probability that a training item is its Griffin-Lim resynthesis "
+        "(vocoder robustness: generated speech reaches the judge through that vocoder)")
+    emotion_crop_frames: int = Field(0, ge=0, description="random training crops of this many frames (0: whole clips)")
+    emotion_log_every: int = Field(10, ge=1, description="steps between MLflow metrics")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    device: str = Field("cpu", description="auto | cpu | cuda | cuda:N (judge training and inference)")
+    batch_size: int = Field(32, ge=1, description="utterances per batched judge call")
+    # Speech recognition for WER.
+    asr_backend: Literal["pocketsphinx", "whisper"] = Field("pocketsphinx")
+    whisper_model: str | None = Field(None, description="local Whisper weights: transformers folder or openai-whisper .pt")
+    asr_lm_order: int = Field(3, ge=1, le=5, description="n-gram order of the domain LM")
+    asr_lm_splits: list[Literal["train", "val", "test"]] = Field(
+        default_factory=lambda: ["train", "val"],
+        description="splits whose sentences train the domain LM (test left out: the LM must not memorise it)")
+    asr_lm_weight: float = Field(10.0, gt=0.0, description="pocketsphinx -lw (its default 6.5; tuned on val)")
+    asr_noise_floor_db: float = Field(
+        -55.0, le=0.0, description="white noise (dBFS, seeded) under clips at 0.5 peak before recognition: "
+        "pocketsphinx's features break on digital silence, which eSpeak and vocoders emit")
+    # Checks the judges stage reports (the issue's acceptance figures).
+    check_split: Literal["train", "val", "test"] = "test"
+    check_max_utts: int = Field(0, ge=0, description="0: the whole split")
+    check_wer: bool = Field(True, description="also measure pocketsphinx WER on the recordings of check_split")
 
 
 class AlignConfig(_Strict):
@@ -253,6 +348,27 @@ class EvaluateConfig(_Strict):
     """The comparison report (`evaluate` stage and `python -m rlhf_tts.evaluate`)."""
 
     # --- fields: evaluate section (issue 4) ---
+    split: Literal["train", "val", "test"] = "test"
+    max_utts: int = Field(0, ge=0, description="0: the whole split; else an even stride of this many")
+    sampler_steps: int = Field(
+        10, ge=1, description="ODE steps for model systems (Grad-TTS uses 10-50; 10 keeps a 250-utterance report "
+        "under 5 min per system on 2 cores)")
+    temperature: float = Field(1.5, gt=0.0)
+    guidance: float = Field(1.0, ge=0.0)
+    durations: Literal["predicted", "ground_truth"] = Field(
+        "predicted", description="predicted: the model's own durations (real TTS, default); ground_truth: MAS of "
+        "the reference (frame-aligned, so duration error is zero by construction)")
+    synthesis_batch: int = Field(16, ge=1)
+    bootstrap: int = Field(1000, ge=10, description="bootstrap resamples over utterances for the CIs")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0)
+    include_recordings: bool = Field(True, description="add the corpus recordings as a row (the judges' own ceiling)")
+    dnsmos: bool = Field(True, description="DNSMOS P.835 (about 40 ms per clip)")
+    wer: bool = True
+    examples_per_emotion: int = Field(1, ge=0, description="utterances per emotion logged as audio and plotted")
+    systems: dict[str, str] = Field(
+        default_factory=dict, description="extra named systems: NAME: base-model dir or folder of <utt_id>.wav")
+    seed: int = Field(0, description="sampling noise and bootstrap seed")
+    device: str = Field("cpu", description="auto | cpu | cuda | cuda:N (synthesis)")
 
 
 class TrackingConfig(_Strict):
@@ -311,6 +427,11 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "speaker_dim": 8, "emotion_dim": 8},
         "pretrain": {"steps": 12, "batch_size": 8, "segment_frames": 64, "checkpoint_every": 6,
                      "log_every": 2, "sample_every": 12, "sample_steps": 4},
+        "easpm": {"dim": 32, "layers": 1, "heads": 2, "time_dim": 16, "text_dim": 16, "text_heads": 2,
+                  "embed_dim": 16, "steps": 8, "batch_pairs": 4, "warmup_steps": 2, "max_frames": 64,
+                  "checkpoint_every": 4, "log_every": 1, "eval_every": 4, "t_grid": [0.0, 0.5, 1.0]},
+        "align": {"steps": 4, "prompts_per_rollout": 2, "sampler_steps": 6, "checkpoint_every": 2, "log_every": 1},
+        "distributed": {"reward_num_cpus": 0.5, "learner_num_cpus": 0.5},
     },
     "tiny": {},
     # Published sizes: ESD English has 10 speakers x 350 sentences x 5 emotions; Grad-TTS's encoder
@@ -322,6 +443,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                   "decoder_attention_dim_head": 32, "speaker_dim": 64, "emotion_dim": 64},
         "pretrain": {"steps": 200000, "batch_size": 32, "lr": 1e-4, "segment_frames": 172,
                      "checkpoint_every": 5000, "log_every": 100, "sample_every": 10000, "sample_steps": 50},
+        # EASPO's reported settings: k = 4, κ = 0.25, 20 steps, decoder lr 1e-5; GPU rollouts.
+        "align": {"steps": 2000, "prompts_per_rollout": 8, "lr": 1e-5, "checkpoint_every": 100, "log_every": 10},
+        "distributed": {"num_rollout_actors": 4, "rollout_num_gpus": 0.25, "reward_num_gpus": 0.5,
+                        "learner_num_gpus": 1.0, "reward_max_batch": 256, "placement_strategy": "SPREAD"},
+        "easpm": {"dim": 256, "layers": 6, "heads": 8, "text_dim": 256, "text_heads": 4, "text_layers": 4,
+                  "embed_dim": 256, "steps": 100000, "batch_pairs": 64, "lr": 3e-4, "warmup_steps": 2000,
+                  "max_frames": 512, "checkpoint_every": 5000, "log_every": 100, "eval_every": 5000},
     },
 }
 

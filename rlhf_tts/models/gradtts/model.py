@@ -210,6 +210,13 @@ class GradTTS(nn.Module):
         alignment = align(mu_x, text_mask, mel, mel_mask)
         target_log_dur = torch.log(1e-8 + alignment.sum(-1)) * text_mask.squeeze(1)
         duration_loss = ((log_dur.squeeze(1) - target_log_dur).pow(2) * text_mask.squeeze(1)).sum() / text_mask.sum()
+        if self.cfg.total_duration_weight > 0:
+            # Utterance length in log frames, log Σ_i exp(log d_i): speaking rate, which the per-phoneme
+            # loss (dominated by phoneme-to-phoneme spread) learns only weakly.
+            valid = text_mask.squeeze(1) > 0
+            predicted_total = torch.logsumexp(log_dur.squeeze(1).masked_fill(~valid, float("-inf")), dim=1)
+            target_total = torch.log(alignment.sum((1, 2)).clamp_min(1.0))
+            duration_loss = duration_loss + self.cfg.total_duration_weight * (predicted_total - target_total).pow(2).mean()
         mu_y = mu_x @ alignment  # (B, n_feats, T)
         prior_loss = (0.5 * ((mel - mu_y).pow(2) + math.log(2 * math.pi)) * mel_mask).sum() / (mel_mask.sum() * self.n_feats)
 

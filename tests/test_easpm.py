@@ -1,0 +1,270 @@
+"""EASPM: time-FiLM starts untimed, scores ignore padding and batching, losses learn, the stage
+writes its checkpoint and accuracy-vs-t curve and resumes exactly."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+from safetensors.torch import load_file
+
+from conftest import smoke_config
+from rlhf_tts.config import EASPMConfig, load_config
+from rlhf_tts.models.easpm import EASPM, PromptTokenizer, default_prompt, paraphrases, prompt_vocabulary
+from rlhf_tts.rewards.base import ScoreRequest, concat_requests, split_result
+from rlhf_tts.rewards.easpm_reward import EASPMReward
+from rlhf_tts.training.easpm import (
+    NoisedItem, accuracy_curve, easpm_losses, easpm_location, sample_pairs, train_easpm,
+)
+
+SMALL = EASPMConfig(dim=32, layers=2, heads=2, time_dim=16, text_dim=16, text_heads=2, embed_dim=16,
+                    batch_pairs=8, max_frames=48, dropout=0.0)
+
+
+def _model(seed: int = 0, cfg: EASPMConfig = SMALL) -> EASPM:
+    torch.manual_seed(seed)
+    return EASPM(cfg, n_feats=20)
+
+
+def _states(lengths: list[int], n_feats: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    states = torch.randn(len(lengths), n_feats, width, generator=g)
+    mask = (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).unsqueeze(1).float()
+    return states, mask
+
+
+# ---------------------------------------------------------------------------------------- model
+
+def test_time_modulation_is_zero_initialised_and_then_used():
+    model = _model().eval()
+    states, mask = _states([40, 33, 17])
+    prompts = ["a happy voice", "an angry voice", "a sad voice"]
+    reference = model.score(prompts, states, mask, torch.zeros(3))
+    for t in (torch.full((3,), 0.37), torch.ones(3), torch.tensor([0.1, 0.9, 0.5])):
+        assert torch.equal(model.score(prompts, states, mask, t), reference)
+    # Once the modulation is not zero, t changes the score: the time path is wired in.
+    with torch.no_grad():
+        for block in model.audio.blocks:
+            block.modulation.weight.normal_(0, 0.5)
+    assert not torch.allclose(model.score(prompts, states, mask, torch.zeros(3)),
+                              model.score(prompts, states, mask, torch.full((3,), 0.8)), atol=1e-4)
+
+
+def test_score_ignores_padding_and_batch_composition():
+    model = _model().eval()
+    lengths = [31, 48, 9, 22]
+    states, mask = _states(lengths)
+    states = states + 5.0 * (1 - mask)  # garbage in the padding must not matter
+    t = torch.tensor([0.0, 0.3, 0.7, 1.0])
+    prompts = ["a happy voice", "some utterly unknown words", "an angry voice", "a sad voice"]
+    batched = model.score(prompts, states, mask, t)
+    for i, n in enumerate(lengths):
+        alone = model.score([prompts[i]], states[i : i + 1, :, :n], mask[i : i + 1, :, :n], t[i : i + 1])
+        assert torch.allclose(alone, batched[i : i + 1], atol=1e-5), (i, alone, batched[i])
+    # Through the reward interface: concatenated requests score exactly as separate ones.
+    reward = EASPMReward(model)
+    r1 = ScoreRequest(states[:2, :, :48], mask[:2, :, :48], t[:2], torch.tensor([2, 1]))
+    r2 = ScoreRequest(states[2:, :, :22] * mask[2:, :, :22], mask[2:, :, :22], t[2:], torch.tensor([1, 3]))
+    merged, sizes = concat_requests([r1, r2])
+    for part, request in zip(split_result(reward.score(merged), sizes), (r1, r2)):
+        assert torch.allclose(part.scores, reward.score(request).scores, atol=1e-5)
+    # Default prompts follow the emotion index; an explicit prompt list gives the same scores.
+    explicit = ScoreRequest(r1.states, r1.mask, r1.t, r1.emotion, prompt=["a happy voice", "an angry voice"])
+    assert torch.allclose(reward.score(explicit).scores, reward.score(r1).scores, atol=1e-6)
+
+
+def test_prompt_tokenizer_accepts_free_text():
+    tokenizer = PromptTokenizer(prompt_vocabulary())
+    assert tokenizer.ids("A HAPPY voice!") == tokenizer.ids("a happy voice")
+    assert tokenizer.ids("a zyzzyva voice")[1] == 1  # unknown word → <unk>
+    assert tokenizer.ids("") == [1] and tokenizer.ids("🎉") == [1]
+    assert [default_prompt(e) for e in ("Neutral", "Angry", "Happy", "Sad", "Surprise")] == [
+        "a neutral voice", "an angry voice", "a happy voice", "a sad voice", "a surprised voice"]
+    assert len(set(paraphrases("Angry"))) >= 20 and all(1 not in tokenizer.ids(p) for p in paraphrases("Sad"))
+
+
+def _synthetic_items(n_groups: int = 6, n_feats: int = 20, seed: int = 0) -> tuple[list[NoisedItem], list[list[int]]]:
+    """Each emotion shifts a different band of bins: learnable, so the losses must fall."""
+    g = torch.Generator().manual_seed(seed)
+    items, groups = [], []
+    for group in range(n_groups):
+        members = []
+        base = torch.randn(n_feats, 40, generator=g)
+        for emotion in range(5):
+            mel = base.clone()
+            mel[4 * emotion : 4 * emotion + 4] += 1.5
+            length = 30 + int(torch.randint(10, (1,), generator=g))
+            members.append(len(items))
+            items.append(NoisedItem(f"{group}_{emotion}", group % 2, emotion, 0, mel[:, :length], base[:, :length] * 0.5))
+        groups.append(members)
+    return items, groups
+
+
+def test_infonce_and_bradley_terry_losses_decrease():
+    items, groups = _synthetic_items()
+    model = _model(1)
+    cfg = SMALL.model_copy(update={"lr": 3e-3})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    prompts = [paraphrases(e)[0] for e in ("Neutral", "Angry", "Happy", "Sad", "Surprise")]
+    fixed = sample_pairs(items, groups, cfg, 0.05, 20.0, torch.Generator().manual_seed(99))
+    fixed.t = fixed.t * 0.3  # a low-noise evaluation batch
+    with torch.no_grad():
+        before = easpm_losses(model.eval(), fixed, prompts, cfg)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        batch = sample_pairs(items, groups, cfg, 0.05, 20.0, g)
+        batch.t = batch.t * 0.3
+        out = easpm_losses(model, batch, prompts, cfg)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    with torch.no_grad():
+        after = easpm_losses(model.eval(), fixed, prompts, cfg)
+    assert float(after["infonce"]) < 0.7 * float(before["infonce"])
+    assert float(after["bt"]) < 0.7 * float(before["bt"])
+    assert float(after["pair_accuracy"]) >= 0.75
+
+
+def test_pairs_share_noise_and_time():
+    items, groups = _synthetic_items()
+    # mel = mu for every item: then the two states of a pair differ only if their noise differs.
+    same = [NoisedItem(i.utt_id, i.speaker, i.emotion, 0, i.mu.clone(), i.mu.clone()) for i in items]
+    batch = sample_pairs(same, groups, SMALL, 0.05, 20.0, torch.Generator().manual_seed(3))
+    b = SMALL.batch_pairs
+    assert torch.equal(batch.t[:b], batch.t[b:])
+    assert (batch.target != batch.emotion[b:]).all()  # the other is another emotion of the same text
+    assert torch.equal(batch.mask[:b], batch.mask[b:])  # cropped to one common length
+    # Crops may start at different frames, so compare the noise: x_t - mean_t is sqrt(lambda) xi.
+    from rlhf_tts.models.gradtts.diffusion import forward_marginal
+
+    x0 = batch.prior.mu  # mel == mu here, so the state's mean is mu itself
+    mean, var = forward_marginal(x0, x0, batch.t, 0.05, 20.0)
+    noise = (batch.states - mean * batch.mask) / var.sqrt().clamp_min(1e-6)
+    keep = batch.t[:b] > 0.05
+    assert torch.allclose(noise[:b][keep] * batch.mask[:b][keep], noise[b:][keep] * batch.mask[b:][keep], atol=1e-4)
+
+
+def test_accuracy_curve_counts_pairs():
+    items, groups = _synthetic_items(3)
+    model = _model(2).eval()
+    curve = accuracy_curve(model, items, groups, [0.0, 1.0], 0.05, 20.0, seed=0)
+    assert curve["n_pairs"] == 3 * 5 * 4 and curve["n_utterances"] == 15
+    assert all(0.0 <= a <= 1.0 for a in curve["pair_accuracy"] + curve["retrieval_accuracy"])
+    assert curve == accuracy_curve(model, items, groups, [0.0, 1.0], 0.05, 20.0, seed=0)  # deterministic
+
+
+def test_config_validation():
+    from rlhf_tts.config import ConfigError
+
+    with pytest.raises(ConfigError, match="easpm.t_grid"):
+        load_config(None, ["easpm.t_grid=[0.5,1.5]"])
+    with pytest.raises(ConfigError, match="easpm.input"):
+        load_config(None, ["easpm.input=clean"])
+    assert load_config(None, ["preset=smoke", "stages=[easpm]"]).stages == ["easpm"]
+
+
+# ---------------------------------------------------------------------------------------- stage
+
+class Recorder:
+    def __init__(self) -> None:
+        self.metrics: dict = {}
+        self.artifacts: list[str] = []
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.setdefault(step, {}).update(metrics)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.artifacts.append(f"{artifact_path}/{Path(path).name}")
+
+
+@pytest.fixture(scope="module")
+def smoke_base(smoke_dataset):
+    """A smoke base model in the session's smoke cache (data + pretrain)."""
+    from rlhf_tts.training.pretrain import run_pretraining
+
+    cfg, dataset = smoke_dataset
+    run_pretraining(cfg, dataset.directory)
+    return Path(cfg.cache_dir)
+
+
+def _cfg(shared_cache: Path, tmp: Path, *extra: str):
+    """A config whose cache shares the corpus, dataset and base model but has its own easpm runs."""
+    cache = tmp / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in ("corpus", "data", "pretrain"):
+        if (shared_cache / name).exists() and not (cache / name).exists():
+            (cache / name).symlink_to(shared_cache / name)
+    return smoke_config(tmp, *extra)
+
+
+@pytest.mark.slow
+def test_stage_writes_checkpoint_curve_and_resumes_exactly(smoke_base, tmp_path):
+    from rlhf_tts.training.easpm import run_easpm_stage
+
+    straight = Recorder()
+    cfg_a = _cfg(smoke_base, tmp_path / "a")
+    console = Console(file=io.StringIO(), width=120)
+    summary = run_easpm_stage(cfg_a, console, straight)
+    text = console.file.getvalue()
+    location = easpm_location(cfg_a)
+    assert (location.final / "tensors.safetensors").is_file() and (location.final / "state.json").is_file()
+    curve = json.loads((Path(cfg_a.output_dir) / "easpm_curve.json").read_text())
+    assert curve["t"] == [0.0, 0.5, 1.0] and len(curve["pair_accuracy"]) == 3 and curve["n_pairs"] > 0
+    assert (Path(cfg_a.output_dir) / "easpm_curve.png").stat().st_size > 0
+    assert "pair acc" in text and "easpm/easpm_curve.json" in straight.artifacts
+    assert straight.metrics[500]["easpm/curve_pair_accuracy"] == curve["pair_accuracy"][1]
+    assert summary["easpm"] == str(location.final)
+
+    # Interrupted after step 5 (last checkpoint: step 4), then resumed: the same losses from step 5.
+    cfg_b = _cfg(smoke_base, tmp_path / "b")
+    interrupted = Recorder()
+    train_easpm(cfg_b, tracker=interrupted, stop_after=5)
+    assert not easpm_location(cfg_b).exists()
+    resumed = Recorder()
+    _, curve_b = train_easpm(cfg_b, resume=True, tracker=resumed)
+    losses = lambda rec, steps: [rec.metrics[s]["easpm/loss"] for s in steps]  # noqa: E731
+    assert losses(interrupted, range(1, 6)) == losses(straight, range(1, 6))
+    assert losses(resumed, range(5, 9)) == losses(straight, range(5, 9))  # bit-identical
+    a = load_file(str(location.final / "tensors.safetensors"))
+    b = load_file(str(easpm_location(cfg_b).final / "tensors.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("model/"))
+    assert curve_b["pair_accuracy"] == curve["pair_accuracy"]
+
+    # A finished run is reused; the reward loads it and scores batches.
+    reward = EASPMReward.from_config(cfg_a)
+    states, mask = _states([30, 20], n_feats=80)
+    result = reward.score(ScoreRequest(states, mask, torch.tensor([0.2, 0.6]), torch.tensor([0, 4])))
+    assert result.scores.shape == (2,) and torch.isfinite(result.scores).all()
+    again = Recorder()
+    _, cached = train_easpm(cfg_a, tracker=again)
+    assert cached["pair_accuracy"] == curve["pair_accuracy"] and not again.metrics
+
+
+def test_x0_hat_input_scores_the_base_models_clean_estimate():
+    from test_gradtts import text_batch, tiny_model
+
+    base = tiny_model()
+    prior = base.encode(text_batch(2, 7))
+    torch.manual_seed(0)
+    model = EASPM(SMALL.model_copy(update={"input": "x0_hat"}), n_feats=80).eval()
+    states = torch.randn(prior.mu.shape) * prior.mask
+    request = ScoreRequest(states, prior.mask, torch.tensor([0.3, 0.6]), prior.emotion)
+    expected = model.score([model.default_prompts()[int(e)] for e in prior.emotion],
+                           base.x0_estimate(states, request.t, prior) * prior.mask, prior.mask, request.t)
+    with_model = EASPMReward(model, base).score(request, prior=prior).scores
+    with_callable = EASPMReward(model, lambda r: base.x0_estimate(r.states, r.t, prior)).score(request).scores
+    assert torch.allclose(with_model, expected, atol=1e-5) and torch.allclose(with_callable, expected, atol=1e-5)
+    same_weights = EASPM(SMALL, n_feats=80)
+    same_weights.load_state_dict(model.state_dict())
+    noisy = EASPMReward(same_weights).score(request).scores
+    assert not torch.allclose(noisy, expected, atol=1e-3)  # a different input really is used
+    with pytest.raises(ValueError, match="Prior"):
+        EASPMReward(model, base).score(request)
+    with pytest.raises(ValueError, match="x0"):
+        EASPMReward(model).score(request)
