@@ -77,3 +77,36 @@ def test_second_build_reuses_the_cache(smoke_dataset):
     stamp = dataset.manifest_path.stat().st_mtime_ns
     assert build_dataset(cfg).manifest_path.stat().st_mtime_ns == stamp
     assert pq.read_table(dataset.manifest_path).num_rows == 5 * 4 * 4
+
+
+def test_every_word_is_spoken_with_strong_per_word_prosody():
+    """eSpeak drops the end of a clause that holds too many prosody changes (half of the corpus lost
+    its ending before clause breaks): every word's mark must come, in order, and the utterance must
+    last about as long as the same words spoken plainly."""
+    from rlhf_tts.data.espeak import Espeak
+    from rlhf_tts.data.frontend import phonemize
+    from rlhf_tts.data.sentences import generate_sentences
+    from rlhf_tts.data.synthetic import build_ssml, marks_complete
+
+    engine = Espeak.instance()
+    rng = np.random.default_rng(3)
+    for text in generate_sentences(12, 5):
+        words = list(phonemize(text).words)
+        emotion = EMOTIONS[int(rng.integers(len(EMOTIONS)))]
+        vads = word_vads(emotion, 1.0, len(words), rng, 0.06, 0.15)
+        ssml, _ = build_ssml(words, vads)
+        speech = engine.synthesize(ssml, "en-us+m3", ssml=True)
+        assert marks_complete(speech.marks, len(words), len(speech.audio)), (text, speech.marks)
+        plain = engine.synthesize(" ".join(words), "en-us+m3")
+        rate = np.mean([prosody_from_vad(v).rate_pct for v in vads]) / 100.0
+        assert len(speech.audio) > 0.75 * len(plain.audio) / rate, text
+
+
+def test_corpus_word_timings_cover_each_utterance(smoke_dataset):
+    _, dataset = smoke_dataset
+    for speaker_dir in (p for p in dataset.corpus_root.iterdir() if p.is_dir()):
+        for line in (speaker_dir / f"{speaker_dir.name}_annotations.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            starts = [w["start_s"] for w in record["words"]]
+            assert starts == sorted(starts) and len(set(starts)) == len(starts), record["utt_id"]
+            assert all(w["end_s"] > w["start_s"] for w in record["words"]), record["utt_id"]

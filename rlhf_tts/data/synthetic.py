@@ -5,6 +5,14 @@ emotions, as ESD is). Every word is wrapped in SSML `<prosody>` computed from a 
 (`rlhf_tts.data.emotions`), and a `<mark>` before each word records where it starts in the audio.
 Randomness comes from a generator seeded by (seed, speaker, emotion, sentence), so the corpus is
 the same whatever the number of worker processes or the order they finish in.
+
+eSpeak NG silently drops the rest of a clause once it holds too many prosody changes (four
+attributes changing on every word overflow its clause buffer after three or four words: in
+version 2 of this corpus about half of the utterances lost their ending). So a zero-length
+`<break time="1ms"/>` ends the clause every `WORDS_PER_CLAUSE` words, and every utterance is
+checked: each word's mark present, marks strictly increasing, the end mark inside the audio.
+An utterance that fails is spoken again with shorter clauses; one that still fails stops the build
+with its id (it would otherwise be a recording whose transcript it does not say).
 """
 
 from __future__ import annotations
@@ -24,13 +32,17 @@ import soundfile as sf
 
 from rlhf_tts.config import DEFAULT_VOICES, SyntheticCorpusConfig, stable_hash
 from rlhf_tts.data.emotions import EMOTIONS, prosody_from_vad, vad_from_prosody, word_vads
-from rlhf_tts.data.espeak import Espeak
+from rlhf_tts.data.espeak import Espeak, EspeakError
 from rlhf_tts.data.frontend import phonemize
 from rlhf_tts.data.sentences import generate_sentences
 
 #: Bump when the builder's output changes for the same config, so caches rebuild.
-SYNTHETIC_CORPUS_VERSION = 2
+SYNTHETIC_CORPUS_VERSION = 3  # 3: clause breaks, so eSpeak speaks every word
 _DONE_MARKER = "corpus.json"
+#: Words per clause, then shorter clauses when an utterance fails its check.
+WORDS_PER_CLAUSE: tuple[int, ...] = (4, 2, 1)
+_CLAUSE_BREAK = '<break time="1ms"/>'
+
 
 
 def speaker_name(index: int) -> str:
@@ -48,11 +60,14 @@ class _Job:
     out_dir: str
 
 
-def build_ssml(words: list[str], vads: np.ndarray) -> tuple[str, list[dict]]:
-    """SSML with one <prosody> and one <mark> per word; returns it with the per-word annotations."""
+def build_ssml(words: list[str], vads: np.ndarray, words_per_clause: int = WORDS_PER_CLAUSE[0]) -> tuple[str, list[dict]]:
+    """SSML with one <prosody> and one <mark> per word and a clause break every `words_per_clause`
+    words; returns it with the per-word annotations."""
     parts, annotations = [], []
     for i, (word, vad) in enumerate(zip(words, vads)):
         prosody = prosody_from_vad(vad)
+        if i and i % words_per_clause == 0:
+            parts.append(_CLAUSE_BREAK)
         parts.append(f'<prosody {prosody.ssml_attributes()}><mark name="w{i}"/>{escape(word)}</prosody>')
         recorded = np.clip(vad_from_prosody(prosody), 0.0, 1.0)  # rounding can step just outside
         annotations.append({
@@ -78,16 +93,28 @@ def _synthesize_job(job: _Job) -> list[tuple[str, str, dict]]:
         intensity = float(rng.uniform(job.cfg.intensity_min, job.cfg.intensity_max))
         words = list(phonemize(text).words)
         vads = word_vads(emotion, intensity, len(words), rng, job.cfg.utterance_jitter, job.cfg.word_jitter)
-        ssml, word_rows = build_ssml(words, vads)
-        speech = engine.synthesize(ssml, job.voice, ssml=True)
+        utt_id = f"{speaker}_{job.emotion_index * n + j + 1:06d}"
+        for words_per_clause in WORDS_PER_CLAUSE:
+            ssml, word_rows = build_ssml(words, vads, words_per_clause)
+            speech = engine.synthesize(ssml, job.voice, ssml=True)
+            if marks_complete(speech.marks, len(words), len(speech.audio)):
+                break
+        else:
+            raise EspeakError(f"{utt_id} ({text!r}): eSpeak dropped words even with one word per clause")
         ends = [speech.marks.get(f"w{i + 1}", speech.marks.get("end", len(speech.audio))) for i in range(len(words))]
         for i, row in enumerate(word_rows):
             row["start_s"] = round(speech.marks.get(f"w{i}", 0) / speech.sample_rate, 4)
             row["end_s"] = round(ends[i] / speech.sample_rate, 4)
-        utt_id = f"{speaker}_{job.emotion_index * n + j + 1:06d}"
         sf.write(out / f"{utt_id}.wav", speech.audio, speech.sample_rate, subtype="PCM_16")
         rows.append((utt_id, text, {"utt_id": utt_id, "intensity": round(intensity, 6), "words": word_rows}))
     return rows
+
+
+def marks_complete(marks: dict[str, int], n_words: int, n_samples: int) -> bool:
+    """Every word's mark w0..w{n-1} and the end mark present, strictly increasing, the end inside the audio."""
+    positions = [marks.get(f"w{i}") for i in range(n_words)] + [marks.get("end")]
+    return (all(p is not None for p in positions) and all(a < b for a, b in zip(positions, positions[1:]))
+            and positions[-1] <= n_samples)
 
 
 def synthetic_corpus_key(cfg: SyntheticCorpusConfig, seed: int) -> str:
