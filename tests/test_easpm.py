@@ -18,7 +18,8 @@ from rlhf_tts.models.easpm import EASPM, PromptTokenizer, default_prompt, paraph
 from rlhf_tts.rewards.base import ScoreRequest, concat_requests, split_result
 from rlhf_tts.rewards.easpm_reward import EASPMReward
 from rlhf_tts.training.easpm import (
-    NoisedItem, accuracy_curve, easpm_losses, easpm_location, sample_pairs, train_easpm,
+    NoisedItem, accuracy_curve, easpm_losses, easpm_location, sample_pairs, shared_timing_accuracy, train_easpm,
+    warp_to_durations,
 )
 
 SMALL = EASPMConfig(dim=32, layers=2, heads=2, time_dim=16, text_dim=16, text_heads=2, embed_dim=16,
@@ -88,6 +89,13 @@ def test_prompt_tokenizer_accepts_free_text():
     assert len(set(paraphrases("Angry"))) >= 20 and all(1 not in tokenizer.ids(p) for p in paraphrases("Sad"))
 
 
+def _durations(length: int, phonemes: int, g: torch.Generator) -> torch.Tensor:
+    """Random frames per phoneme (each at least one) that add up to `length`."""
+    cuts = torch.randperm(length - 1, generator=g)[: phonemes - 1].sort().values + 1
+    edges = torch.cat([torch.zeros(1, dtype=torch.long), cuts, torch.tensor([length])])
+    return edges.diff()
+
+
 def _synthetic_items(n_groups: int = 6, n_feats: int = 20, seed: int = 0) -> tuple[list[NoisedItem], list[list[int]]]:
     """Each emotion shifts a different band of bins: learnable, so the losses must fall."""
     g = torch.Generator().manual_seed(seed)
@@ -100,7 +108,8 @@ def _synthetic_items(n_groups: int = 6, n_feats: int = 20, seed: int = 0) -> tup
             mel[4 * emotion : 4 * emotion + 4] += 1.5
             length = 30 + int(torch.randint(10, (1,), generator=g))
             members.append(len(items))
-            items.append(NoisedItem(f"{group}_{emotion}", group % 2, emotion, 0, mel[:, :length], base[:, :length] * 0.5))
+            items.append(NoisedItem(f"{group}_{emotion}", group % 2, emotion, 0, mel[:, :length], base[:, :length] * 0.5,
+                                    _durations(length, 6, g)))
         groups.append(members)
     return items, groups
 
@@ -134,8 +143,9 @@ def test_infonce_and_bradley_terry_losses_decrease():
 def test_pairs_share_noise_and_time():
     items, groups = _synthetic_items()
     # mel = mu for every item: then the two states of a pair differ only if their noise differs.
-    same = [NoisedItem(i.utt_id, i.speaker, i.emotion, 0, i.mu.clone(), i.mu.clone()) for i in items]
-    batch = sample_pairs(same, groups, SMALL, 0.05, 20.0, torch.Generator().manual_seed(3))
+    same = [NoisedItem(i.utt_id, i.speaker, i.emotion, 0, i.mu.clone(), i.mu.clone(), i.durations) for i in items]
+    own = SMALL.model_copy(update={"pair_timing": "own"})  # each state over its own mu (here == its mel)
+    batch = sample_pairs(same, groups, own, 0.05, 20.0, torch.Generator().manual_seed(3))
     b = SMALL.batch_pairs
     assert torch.equal(batch.t[:b], batch.t[b:])
     assert (batch.target != batch.emotion[b:]).all()  # the other is another emotion of the same text
@@ -148,6 +158,65 @@ def test_pairs_share_noise_and_time():
     noise = (batch.states - mean * batch.mask) / var.sqrt().clamp_min(1e-6)
     keep = batch.t[:b] > 0.05
     assert torch.allclose(noise[:b][keep] * batch.mask[:b][keep], noise[b:][keep] * batch.mask[b:][keep], atol=1e-4)
+
+
+def test_warp_keeps_content_and_takes_the_target_timing():
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(4, 30, generator=g)
+    durations = _durations(30, 5, g)
+    assert torch.allclose(warp_to_durations(mel, durations, durations), mel, atol=1e-6)  # same timing: unchanged
+    # A mel that is constant within each phoneme stays constant within each phoneme, at the new lengths.
+    values = torch.randn(4, 5, generator=g)
+    blocky = torch.repeat_interleave(values, durations, dim=1)
+    target = torch.tensor([1, 7, 2, 9, 4])
+    warped = warp_to_durations(blocky, durations, target)
+    assert warped.shape == (4, int(target.sum()))
+    assert torch.allclose(warped, torch.repeat_interleave(values, target, dim=1), atol=1e-6)
+    with pytest.raises(ValueError, match="phonemes"):
+        warp_to_durations(mel, durations, target[:4])
+
+
+def test_shared_timing_pairs_differ_only_in_content():
+    items, groups = _synthetic_items()
+    batch = sample_pairs(items, groups, SMALL, 0.05, 20.0, torch.Generator().manual_seed(4))
+    b = SMALL.batch_pairs
+    assert torch.equal(batch.prior.mu[:b], batch.prior.mu[b:])  # one mu, as EASPO's candidates share
+    assert torch.equal(batch.mask[:b], batch.mask[b:]) and torch.equal(batch.t[:b], batch.t[b:])
+    own = sample_pairs(items, groups, SMALL.model_copy(update={"pair_timing": "own"}), 0.05, 20.0,
+                       torch.Generator().manual_seed(4))
+    assert not torch.equal(own.prior.mu[:b], own.prior.mu[b:])  # each with its own prior
+
+
+def test_shared_timing_accuracy_sees_content_and_ignores_timing():
+    """Emotion only in the content: a trained model ranks re-timed pairs; emotion only in the timing
+    (identical content): no model can, and the measure sits at chance."""
+    items, groups = _synthetic_items()
+    model = _model(5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    prompts = [paraphrases(e)[0] for e in ("Neutral", "Angry", "Happy", "Sad", "Surprise")]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        batch = sample_pairs(items, groups, SMALL, 0.05, 20.0, g)
+        batch.t = batch.t * 0.3
+        out = easpm_losses(model, batch, prompts, SMALL)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+    model.eval()
+    content = shared_timing_accuracy(model, items, groups, [0.0, 0.2], 0.05, 20.0, seed=0)
+    assert min(content) >= 0.75, content
+    # Emotion only in the timing: per group, one set of per-phoneme spectra laid out at each item's
+    # durations. Re-timed to the target, every other is the target itself: ties, exactly chance.
+    g = torch.Generator().manual_seed(1)
+    timing_only = []
+    for grp in groups:
+        values = torch.randn(20, 6, generator=g)
+        for k in grp:
+            i = items[k]
+            timing_only.append(NoisedItem(i.utt_id, i.speaker, i.emotion, 0,
+                                          torch.repeat_interleave(values, i.durations, dim=1), i.mu, i.durations))
+    chance = shared_timing_accuracy(model, timing_only, groups, [0.0, 0.5], 0.05, 20.0, seed=0)
+    assert chance == [0.5, 0.5], chance
 
 
 def test_accuracy_curve_counts_pairs():

@@ -35,7 +35,7 @@ from rlhf_tts.models.gradtts import diffusion
 from rlhf_tts.models.gradtts.model import GradTTS, Prior, TextBatch
 from rlhf_tts.training.pretrain import base_model_location, resolve_device
 
-EASPM_VERSION = 1
+EASPM_VERSION = 2  # 2: durations kept per item; shared-timing pairs
 ProgressFn = Callable[..., None]
 #: Given noisy states, their mask, times and the items' priors, the base model's clean estimate.
 X0Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Prior], torch.Tensor]
@@ -96,10 +96,33 @@ class NoisedItem:
     prior_emotion: int  # the label mu was encoded with (see EASPMConfig.prior_emotion)
     mel: torch.Tensor
     mu: torch.Tensor
+    durations: torch.Tensor | None = None  # (n_phonemes,) MAS frames per phoneme; they sum to the length
 
     @property
     def length(self) -> int:
         return int(self.mel.shape[-1])
+
+
+def warp_to_durations(mel: torch.Tensor, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Re-time `mel` (n_feats, Σ source) phoneme by phoneme to the `target` durations (n_feats, Σ target).
+
+    Each phoneme's frames are linearly resampled to its target length, so the result keeps the
+    utterance's spectral content (pitch, energy, timbre) but takes on another utterance's timing.
+    """
+    source, target = source.long().cpu(), target.long().cpu()
+    if source.shape != target.shape:
+        raise ValueError(f"warp: {source.numel()} source and {target.numel()} target phonemes differ")
+    src_start = torch.cumsum(source, 0) - source
+    tgt_start = torch.cumsum(target, 0) - target
+    phone = torch.repeat_interleave(torch.arange(len(target)), target)
+    within = torch.arange(int(target.sum())) - tgt_start[phone]
+    position = src_start[phone] + (within + 0.5) / target[phone] * source[phone] - 0.5
+    position = torch.minimum(torch.maximum(position, src_start[phone].float()), (src_start[phone] + source[phone] - 1).float())
+    low = position.floor().long()
+    high = torch.clamp(low + 1, max=mel.shape[-1] - 1)
+    weight = (position - low).to(mel.dtype).to(mel.device)
+    low, high = low.to(mel.device), high.to(mel.device)
+    return mel[:, low] + (mel[:, high] - mel[:, low]) * weight  # exact where a phoneme's frames are equal
 
 
 @torch.no_grad()
@@ -123,7 +146,8 @@ def prepare_items(base: GradTTS, rows: list[dict], mel_dir: Path, vocab, prior_e
         for i, u in enumerate(chunk):
             n = int(batch.mel_lengths[i])
             items.append(NoisedItem(u.utt_id, u.speaker, u.emotion, int(text.emotion[i]),
-                                    batch.mel[i, :, :n].contiguous(), prior.mu[i, :, :n].contiguous()))
+                                    batch.mel[i, :, :n].contiguous(), prior.mu[i, :, :n].contiguous(),
+                                    durations[i, : int(text.lengths[i])].cpu()))
         if progress is not None:
             progress(label, min(start + 32, len(utterances)), len(utterances))
     return items
@@ -191,8 +215,15 @@ def sample_pairs(items: list[NoisedItem], groups: list[list[int]], cfg: EASPMCon
         second = int(torch.randint(len(members) - 1, (1,), generator=generator))
         second += second >= first
         a, o = items[members[first]], items[members[second]]
+        if cfg.pair_timing == "shared":
+            # The other emotion re-timed to the target's durations, over the target's mu: the pair
+            # differs only in how the words sound, as EASPO's candidates (one state, one mu) do.
+            o = NoisedItem(o.utt_id, o.speaker, o.emotion, a.prior_emotion,
+                           warp_to_durations(o.mel, o.durations, a.durations), a.mu, a.durations)
         length = min(a.length, o.length, cfg.max_frames)
-        starts = [int(torch.randint(x.length - length + 1, (1,), generator=generator)) for x in (a, o)]
+        start = int(torch.randint(a.length - length + 1, (1,), generator=generator))
+        starts = [start, start] if cfg.pair_timing == "shared" else [
+            start, int(torch.randint(o.length - length + 1, (1,), generator=generator))]
         targets.append(a)
         others.append(o)
         crops.append((length, starts))
@@ -306,6 +337,63 @@ def accuracy_curve(model: EASPM, items: list[NoisedItem], groups: list[list[int]
             "chance": {"pair_accuracy": 0.5, "retrieval_accuracy": 1.0 / len(model.emotions)}}
 
 
+@torch.no_grad()
+def shared_timing_accuracy(model: EASPM, items: list[NoisedItem], groups: list[list[int]], t_grid: Sequence[float],
+                           beta_min: float, beta_max: float, seed: int, x0_fn: X0Fn | None = None,
+                           batch_size: int = 64, length_multiple: int = 1) -> list[float]:
+    """Pair accuracy when timing cannot help: for every ordered pair (target a, other o) of a group,
+    o re-timed to a's durations over a's mu, both noised with one draw; right when
+    S(c_a, x_a) > S(c_a, x_o→a). This is the ranking EASPO asks for (candidates share a state and mu)."""
+    was_training = model.training
+    model.eval()
+    device = model.logit_scale.device
+    prompts = model.embed_prompts(model.default_prompts())
+    generator = torch.Generator().manual_seed(seed + 1)
+    accuracies = []
+    for t_value in t_grid:
+        states, owners = [], []  # (x0, target item) per state; owner index −1 marks a target's own state
+        for g in groups:
+            for a in g:
+                target = items[a]
+                states.append((target.mel, target, -1))
+                for o in g:
+                    if o != a:
+                        states.append((warp_to_durations(items[o].mel, items[o].durations, target.durations), target, o))
+        noise = {id(target): torch.randn(target.mel.shape, generator=generator)
+                 for _, target, owner in states if owner == -1}
+        scores = torch.empty(len(states))
+        for start in range(0, len(states), batch_size):
+            chunk = states[start : start + batch_size]
+            width = _round_up(max(x.shape[-1] for x, _, _ in chunk), length_multiple)
+            x0 = _pad_stack([x for x, _, _ in chunk], width).to(device)
+            mu = _pad_stack([target.mu for _, target, _ in chunk], width).to(device)
+            xi = _pad_stack([noise[id(target)] for _, target, _ in chunk], width).to(device)
+            n_valid = torch.tensor([x.shape[-1] for x, _, _ in chunk], device=device)
+            mask = (torch.arange(width, device=device).unsqueeze(0) < n_valid.unsqueeze(1)).unsqueeze(1).to(x0.dtype)
+            t = torch.full((len(chunk),), float(t_value), device=device)
+            x_t = diffusion.diffuse(x0, mu, t, xi, beta_min, beta_max) * mask
+            if model.cfg.input == "x0_hat":
+                if x0_fn is None:
+                    raise ValueError("easpm.input=x0_hat needs the base model's clean estimate (x0_fn)")
+                prior = make_prior(mu, mask, torch.tensor([target.speaker for _, target, _ in chunk], device=device),
+                                   torch.tensor([target.prior_emotion for _, target, _ in chunk], device=device))
+                x_t = x0_fn(x_t, mask, t, prior)
+            logits = model.logits(model.embed_audio(x_t, mask, t), prompts)
+            wanted = torch.tensor([target.emotion for _, target, _ in chunk], device=device)
+            scores[start : start + len(chunk)] = logits.gather(1, wanted.unsqueeze(1)).squeeze(1).cpu()
+        right = total = 0.0
+        own = 0.0
+        for score, (_, target, owner) in zip(scores.tolist(), states):
+            if owner == -1:
+                own = score
+                continue
+            right += 1.0 if own > score else 0.5 if own == score else 0.0
+            total += 1
+        accuracies.append(right / max(total, 1))
+    model.train(was_training)
+    return accuracies
+
+
 def curve_figure(curve: dict, title: str, path: str | Path) -> Path:
     import matplotlib
 
@@ -317,6 +405,8 @@ def curve_figure(curve: dict, title: str, path: str | Path) -> Path:
     ax.plot(curve["t"], curve["retrieval_accuracy"], "s-", label="retrieval accuracy")
     if curve.get("prior_only_pair_accuracy"):
         ax.plot(curve["t"], curve["prior_only_pair_accuracy"], "^--", label="pair accuracy, prior-only control")
+    if curve.get("shared_timing_pair_accuracy"):
+        ax.plot(curve["t"], curve["shared_timing_pair_accuracy"], "D-", label="pair accuracy, shared timing")
     ax.axhline(0.5, color="grey", ls="--", lw=0.8, label="pair chance")
     ax.axhline(curve["chance"]["retrieval_accuracy"], color="grey", ls=":", lw=0.8, label="retrieval chance")
     ax.set_xlabel("diffusion time t")
@@ -411,6 +501,8 @@ def _curve(cfg: RunConfig, model: EASPM, ctx: _Context, device: torch.device, re
     curve = accuracy_curve(model, items, groups, **args)
     if control:
         curve["prior_only_pair_accuracy"] = accuracy_curve(model, items, groups, prior_only=True, **args)["pair_accuracy"]
+        if all(items[i].durations is not None for g in groups for i in g):
+            curve["shared_timing_pair_accuracy"] = shared_timing_accuracy(model, items, groups, **args)
     return curve | {"split": split, "requested_split": ecfg.curve_split, "seed": ecfg.curve_seed,
                     "input": ecfg.input, "prior_emotion": ecfg.prior_emotion}
 
@@ -536,9 +628,13 @@ def curve_table(curve: dict):  # noqa: ANN201 - a rich Table
     table.add_column("retrieval acc", justify="right")
     table.add_column("mean margin", justify="right")
     table.add_column("pair acc, prior-only control", justify="right")
-    control = curve.get("prior_only_pair_accuracy") or [float("nan")] * len(curve["t"])
-    for t, p, r, m, c in zip(curve["t"], curve["pair_accuracy"], curve["retrieval_accuracy"], curve["mean_margin"], control):
-        table.add_row(f"{t:.2f}", f"{p:.3f}", f"{r:.3f}", f"{m:.2f}", f"{c:.3f}")
+    table.add_column("pair acc, shared timing", justify="right")
+    nan = [float("nan")] * len(curve["t"])
+    control = curve.get("prior_only_pair_accuracy") or nan
+    shared = curve.get("shared_timing_pair_accuracy") or nan
+    for t, p, r, m, c, sh in zip(curve["t"], curve["pair_accuracy"], curve["retrieval_accuracy"], curve["mean_margin"],
+                                 control, shared):
+        table.add_row(f"{t:.2f}", f"{p:.3f}", f"{r:.3f}", f"{m:.2f}", f"{c:.3f}", f"{sh:.3f}")
     return table
 
 
@@ -564,11 +660,15 @@ def run_easpm_stage(cfg: RunConfig, console, tracker, resume: bool = False) -> d
     console.print(curve_table(curve))
     console.print(f"EASPM: {location.final} ({seconds:.0f} s); curve → {out / 'easpm_curve.json'}, {out / 'easpm_curve.png'}")
     # The curve as MLflow metrics over "step" = t x 1000 (the paper's timestep units), plus scalars.
-    control = curve.get("prior_only_pair_accuracy") or [None] * len(curve["t"])
-    for t, p, r, c in zip(curve["t"], curve["pair_accuracy"], curve["retrieval_accuracy"], control):
+    none = [None] * len(curve["t"])
+    control = curve.get("prior_only_pair_accuracy") or none
+    shared = curve.get("shared_timing_pair_accuracy") or none
+    for t, p, r, c, sh in zip(curve["t"], curve["pair_accuracy"], curve["retrieval_accuracy"], control, shared):
         metrics = {"easpm/curve_pair_accuracy": p, "easpm/curve_retrieval_accuracy": r}
         if c is not None:
             metrics["easpm/curve_prior_only_pair_accuracy"] = c
+        if sh is not None:
+            metrics["easpm/curve_shared_timing_pair_accuracy"] = sh
         tracker.log_metrics(metrics, step=round(t * 1000))
     tracker.log_metrics({f"easpm/pair_acc_t{round(t * 100):03d}": p for t, p in zip(curve["t"], curve["pair_accuracy"])}
                         | {"easpm/stage_seconds": seconds})
