@@ -84,7 +84,9 @@ def yin(audio: np.ndarray, sample_rate: int, hop: int, frame_length: int = 1024,
     shift = np.where(np.abs(denom) > 1e-12, 0.5 * (left - right) / np.where(denom == 0, 1, denom), 0.0)
     period = first + tau_min + np.clip(shift, -1, 1)
     level = 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
-    voiced = (best < voicing_threshold) & (level > level.max() + silence_db)
+    # a minimum at the edge of the search range is no period (YIN's argmin then reads fmax or fmin)
+    at_edge = (first == 0) | (first == search.shape[1] - 1)
+    voiced = (best < voicing_threshold) & (level > level.max() + silence_db) & ~at_edge
     f0 = np.where(voiced, sample_rate / period, 0.0)
     return f0, voiced
 

@@ -40,6 +40,7 @@ from torch import nn
 
 from rlhf_tts.config import FeatureConfig, RunConfig, stable_hash
 from rlhf_tts.data.emotions import EMOTIONS
+from rlhf_tts.eval.metrics import macro_recall
 
 JUDGE_VERSION = 1
 ProgressFn = Callable[..., None]
@@ -194,9 +195,14 @@ class JudgeOutput:
         return self.posteriors.argmax(axis=1)
 
 
-def _length_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+def _length_batches(lengths: Sequence[int], batch_size: int, min_size: int = 1) -> list[list[int]]:
+    """Indices grouped by length (little padding); a last batch under `min_size` joins the one before
+    (training needs >= 2 items per batch for batch normalisation)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if len(batches) > 1 and len(batches[-1]) < min_size:
+        batches[-2].extend(batches.pop())
+    return batches
 
 
 def _pad(mels: Sequence[np.ndarray], index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,18 +299,24 @@ def ccc(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 2 * cov / (vx + vy + (mx - my) ** 2 + 1e-8)
 
 
-def macro_recall(targets: np.ndarray, predictions: np.ndarray, n_classes: int) -> float:
-    recalls = [float(np.mean(predictions[targets == k] == k)) for k in range(n_classes) if np.any(targets == k)]
-    return float(np.mean(recalls)) if recalls else float("nan")
-
-
 def _rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
     return {"torch": torch.get_rng_state(), "batch": generator.get_state()}
 
 
 def train_emotion_judge(cfg: RunConfig, resume: bool = False, progress: ProgressFn | None = None,
                         tracker=None) -> JudgeLocation:  # noqa: ANN001 - Tracker
-    """Train (or reuse) the emotion judge for `cfg`; returns its location."""
+    """Train (or reuse) the emotion judge for `cfg`; returns its location (`judges.threads` torch
+    threads while training, restored after)."""
+    from rlhf_tts.eval.judges_stage import torch_threads
+
+    location = emotion_judge_location(cfg)
+    if location.exists():
+        return location
+    with torch_threads(cfg.judges.threads):
+        return _train_emotion_judge(cfg, resume, progress, tracker)
+
+
+def _train_emotion_judge(cfg: RunConfig, resume: bool, progress: ProgressFn | None, tracker) -> JudgeLocation:  # noqa: ANN001
     from safetensors.numpy import load_file, save_file
 
     from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
@@ -322,8 +334,6 @@ def train_emotion_judge(cfg: RunConfig, resume: bool = False, progress: Progress
         from rlhf_tts.errors import InputError
 
         raise InputError(f"no dataset at {dataset.directory}: run the data stage with the same config first")
-    if jc.threads:
-        torch.set_num_threads(jc.threads)
     device = resolve_device(jc.device)
     directory = location.directory
     checkpoints = directory / "checkpoints"
@@ -332,21 +342,25 @@ def train_emotion_judge(cfg: RunConfig, resume: bool = False, progress: Progress
     directory.mkdir(parents=True, exist_ok=True)
 
     train = load_split(dataset, "train", features=cfg.features)
-    val = load_split(dataset, "val", features=cfg.features) or load_split(dataset, "test", features=cfg.features)
+    val = load_split(dataset, "val", features=cfg.features)  # monitoring only; empty val: no monitoring
     emotions = tuple(EMOTIONS)
     targets = np.array([emotions.index(u.emotion) for u in train])
     clean = [u.mel for u in train]
     augmented_path = directory / "griffin_lim_mels.safetensors"
     if augmented_path.is_file():
         stored = load_file(str(augmented_path))
-        augmented = [stored[u.utt_id] for u in train]
+        augmented = [stored.get(u.utt_id, u.mel) for u in train]
         val_gl = [stored[f"val/{u.utt_id}"] for u in val]
     else:
-        augmented = griffin_lim_mels(clean, cfg.features, report, "judge: griffin-lim train mels")
-        val_gl = griffin_lim_mels([u.mel for u in val], cfg.features, report, "judge: griffin-lim val mels")
+        # train items are resynthesised only when some will be used; val always (the vocoder-robustness monitor)
+        augmented = (griffin_lim_mels(clean, cfg.features, report, "judge: griffin-lim train mels")
+                     if jc.emotion_augment > 0 else clean)
+        val_gl = griffin_lim_mels([u.mel for u in val], cfg.features, report, "judge: griffin-lim val mels") if val else []
         tmp = augmented_path.with_suffix(f".tmp-{os.getpid()}")
-        save_file({**{u.utt_id: m for u, m in zip(train, augmented)},
-                   **{f"val/{u.utt_id}": m for u, m in zip(val, val_gl)}}, str(tmp))
+        stored = {f"val/{u.utt_id}": m for u, m in zip(val, val_gl)}
+        if jc.emotion_augment > 0:
+            stored.update({u.utt_id: m for u, m in zip(train, augmented)})
+        save_file(stored, str(tmp))
         tmp.replace(augmented_path)
 
     torch.manual_seed(cfg.seed)
@@ -358,7 +372,7 @@ def train_emotion_judge(cfg: RunConfig, resume: bool = False, progress: Progress
     net.to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=jc.emotion_lr, weight_decay=jc.emotion_weight_decay)
     generator = torch.Generator().manual_seed(cfg.seed)
-    batches_per_epoch = len(_length_batches([m.shape[-1] for m in clean], jc.emotion_batch_size))
+    batches_per_epoch = len(_length_batches([m.shape[-1] for m in clean], jc.emotion_batch_size, 2))
     total_steps = jc.emotion_epochs * batches_per_epoch
     warmup = max(1, total_steps // 20)
 
@@ -381,12 +395,11 @@ def train_emotion_judge(cfg: RunConfig, resume: bool = False, progress: Progress
             "dataset": str(dataset.directory), "train_utterances": len(train), "version": JUDGE_VERSION,
             "config": {k: v for k, v in jc.model_dump(mode="json").items() if k.startswith("emotion_")}}
     started = time.monotonic()
-    first_step = step
     val_targets = np.array([emotions.index(u.emotion) for u in val])
     while epoch < jc.emotion_epochs:
         net.train()
         lengths = [m.shape[-1] for m in clean]
-        order = _length_batches(lengths, jc.emotion_batch_size)
+        order = _length_batches(lengths, jc.emotion_batch_size, 2)
         permutation = torch.randperm(len(order), generator=generator).tolist()
         use_gl = (torch.rand(len(clean), generator=generator) < jc.emotion_augment).numpy()
         for batch_number, b in enumerate(permutation):
@@ -416,16 +429,17 @@ def train_emotion_judge(cfg: RunConfig, resume: bool = False, progress: Progress
             optimizer.step()
             step += 1
             if tracker is not None and (step % jc.emotion_log_every == 0):
-                tracker.log_metrics({"judges/emotion/loss": float(loss), "judges/emotion/ce": float(ce),
-                                     "judges/emotion/vad_loss": float(vad_loss), "judges/emotion/lr": lr_at(step - 1)},
+                tracker.log_metrics({"judges/emotion/loss": loss.item(), "judges/emotion/ce": ce.item(),
+                                     "judges/emotion/vad_loss": vad_loss.item(), "judges/emotion/lr": lr_at(step - 1)},
                                     step=step)
-            rate = (step - first_step) / max(time.monotonic() - started, 1e-6)
             report("train emotion judge", step, total_steps,
-                   info=f"epoch {epoch + 1}/{jc.emotion_epochs} ce {float(ce):.3f} vad {float(vad_loss):.3f} ({rate:.1f} it/s)")
+                   info=f"epoch {epoch + 1}/{jc.emotion_epochs} ce {ce.item():.3f} vad {vad_loss.item():.3f}")
         epoch += 1
         judge = EmotionJudge(net, cfg.features, emotions, device, jc.batch_size)
-        recall = macro_recall(val_targets, judge.judge_mels([u.mel for u in val]).predictions, len(emotions))
-        recall_gl = macro_recall(val_targets, judge.judge_mels(val_gl).predictions, len(emotions))
+        recall = recall_gl = float("nan")
+        if val:
+            recall = macro_recall(val_targets, judge.judge_mels([u.mel for u in val]).predictions, len(emotions))
+            recall_gl = macro_recall(val_targets, judge.judge_mels(val_gl).predictions, len(emotions))
         if tracker is not None:
             tracker.log_metrics({"judges/emotion/val_recall": recall, "judges/emotion/val_recall_griffin_lim": recall_gl,
                                  "judges/emotion/epoch": epoch}, step=step)
