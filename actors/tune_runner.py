@@ -44,6 +44,8 @@ SHARED_ALIGN = "align"  # the one cache entry each trial keeps to itself
 TAG_SWEEP = "rlhf_tts.sweep"
 TAG_TRIAL = "rlhf_tts.tune.trial_id"
 TAG_PARENT = "mlflow.parentRunId"  # what MLflow's UI nests child runs by
+TAG_ENDED = "rlhf_tts.tune.ended"  # why a trial's run ended early
+STOPPED_EARLY = "stopped early by the scheduler"
 
 
 # ------------------------------------------------------------------------------------ space → Tune
@@ -130,12 +132,23 @@ def mlflow_run(cfg: RunConfig, run_name: str, tags: dict[str, str], run_id: str 
         found = mlflow.search_runs(filter_string=query, output_format="list", max_results=1)
         run_id = found[0].info.run_id if found else None
     new = run_id is None
-    with mlflow.start_run(run_id=run_id, run_name=run_name if new else None, tags=tags if new else None) as run:
+    run = mlflow.start_run(run_id=run_id, run_name=run_name if new else None, tags=tags if new else None)
+    status = "FAILED"
+    try:
         tracker.run_id = run.info.run_id
         if new:
             params = _flatten(cfg.model_dump(mode="json"))
             mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         yield tracker
+        status = "FINISHED"
+    except SystemExit as stop:
+        # What `tune.report` raises when the scheduler stops the trial (ASHA): not a failure.
+        if not stop.code:
+            mlflow.set_tag(TAG_ENDED, STOPPED_EARLY)
+            status = "KILLED"
+        raise
+    finally:
+        mlflow.end_run(status)
 
 
 # ------------------------------------------------------------------------------------ the trial
@@ -208,8 +221,13 @@ def _restore_learner_checkpoint(checkpoint: tune.Checkpoint, location_checkpoint
 
 def run_trial(config: dict, space: SearchSpace, shared_cache: str, output_dir: str, uri: str,
               parent_run_id: str | None) -> None:
-    """One Tune trial: the Ray EASPO loop with reports every `report_every` updates."""
+    """One Tune trial: the Ray EASPO loop, reporting every `report_every` updates and once at the end.
+
+    The last report comes after the aligned model is published and the trial's MLflow run is
+    closed, so a scheduler that stops the trial on it (ASHA at `max_t`) loses nothing.
+    """
     from actors.orchestrator import run_ray_alignment
+    from rlhf_tts.checkpoint import latest_checkpoint
     from rlhf_tts.training.align import aligned_model_location, load_policy
 
     context = tune.get_context()
@@ -225,70 +243,81 @@ def run_trial(config: dict, space: SearchSpace, shared_cache: str, output_dir: s
     metric_fn = load_metric_fn(settings.metric_fn)
     location = aligned_model_location(cfg)
     resume = False
+    last_reported = [0]  # learner updates at the last report
     previous = tune.get_checkpoint()
-    if previous is not None:
-        _restore_learner_checkpoint(previous, location.checkpoints)
+    if previous is not None:  # Tune restarted this trial (failure or --resume): continue the learner
+        last_reported[0] = _restore_learner_checkpoint(previous, location.checkpoints)
         resume = True
     import torch
 
     device = torch.device("cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu")
     policy, vocab, _ = load_policy(cfg, device)
     started = time.monotonic()
-    last_reported = [-1]
     tags = {TAG_SWEEP: space.name, TAG_TRIAL: trial_id, "rlhf_tts.tune.params": json.dumps(params)[:5000]}
     if parent_run_id:
         tags[TAG_PARENT] = parent_run_id
     find = {TAG_TRIAL: trial_id, **({TAG_PARENT: parent_run_id} if parent_run_id else {})}
 
-    with mlflow_run(cfg, f"trial-{trial_id}", tags, find=find) as tracker:
-        def evaluate_and_report(updates: int, learner_checkpoint: Path | None) -> None:
-            metrics = {k: float(v) for k, v in metric_fn(cfg, policy, vocab, settings.metric_utterances).items()}
-            if settings.metric not in metrics:
-                raise KeyError(f"metric {settings.metric!r} not among {sorted(metrics)} from {settings.metric_fn}")
-            metrics.update(updates=float(updates), align_seconds=time.monotonic() - started)
-            tracker.log_metrics({f"tune/{k}": v for k, v in metrics.items()}, step=updates)
-            last_reported[0] = updates
-            if learner_checkpoint is None:
-                tune.report(metrics)
-                return
-            with tempfile.TemporaryDirectory(prefix="tune-ckpt-") as folder:
-                shutil.copytree(learner_checkpoint, Path(folder) / "learner" / learner_checkpoint.name)
-                (Path(folder) / "tune_state.json").write_text(
-                    json.dumps({"updates": updates, "step_dir": learner_checkpoint.name}))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
+    def measure(updates: int, tracker: Tracker) -> dict[str, float]:
+        metrics = {k: float(v) for k, v in metric_fn(cfg, policy, vocab, settings.metric_utterances).items()}
+        if settings.metric not in metrics:
+            raise KeyError(f"metric {settings.metric!r} not among {sorted(metrics)} from {settings.metric_fn}")
+        metrics.update(updates=float(updates), align_seconds=time.monotonic() - started)
+        tracker.log_metrics({f"tune/{k}": v for k, v in metrics.items()}, step=updates)
+        return metrics
 
+    with mlflow_run(cfg, f"trial-{trial_id}", tags, find=find) as tracker:
         def on_update(updates: int, actors) -> None:  # noqa: ANN001 - orchestrator.Actors
-            due = updates - last_reported[0] >= settings.report_every or updates >= cfg.align.steps
-            if not due or updates <= last_reported[0]:
-                return
+            if updates >= cfg.align.steps or updates - last_reported[0] < settings.report_every:
+                return  # the final report waits for the published model
             checkpoint = Path(ray.get(actors.learner.checkpoint.remote()))
             policy.decoder.load_state_dict(ray.get(actors.learner.decoder_weights.remote()))
-            evaluate_and_report(updates, checkpoint)
+            metrics = measure(updates, tracker)
+            last_reported[0] = updates
+            _report(metrics, checkpoint, updates)
 
         placement = ray.util.get_current_placement_group()
         _, summary = run_ray_alignment(cfg, resume=resume, tracker=tracker, on_update=on_update,
                                        placement=(placement, 1) if placement is not None else None)
-        if last_reported[0] < int(summary.get("updates", cfg.align.steps)):
-            # Already aligned (a cached final model) or the last update was not reported: score the final policy.
-            final_policy, _, _ = location.as_base().load(device)
-            policy.decoder.load_state_dict(final_policy.decoder.state_dict())
-            evaluate_and_report(int(summary.get("updates", cfg.align.steps)), None)
-        (Path(cfg.output_dir) / "align_summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        updates = int(summary.get("updates", cfg.align.steps))
+        final_policy, _, _ = location.as_base().load(device)
+        policy.decoder.load_state_dict(final_policy.decoder.state_dict())
+        final = measure(updates, tracker)
+        summary_file = Path(cfg.output_dir) / "align_summary.json"
+        summary_file.write_text(json.dumps(summary, indent=1, default=str))
+        tracker.log_artifact(summary_file, "align")
+    _report(final, latest_checkpoint(location.checkpoints), updates)
+
+
+def _report(metrics: dict[str, float], learner_checkpoint: Path | None, updates: int) -> None:
+    """`tune.report`, with the learner checkpoint (copied: Tune moves what it is given) when there is one."""
+    if learner_checkpoint is None:
+        tune.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="tune-ckpt-") as folder:
+        shutil.copytree(learner_checkpoint, Path(folder) / "learner" / learner_checkpoint.name)
+        (Path(folder) / "tune_state.json").write_text(
+            json.dumps({"updates": updates, "step_dir": learner_checkpoint.name}))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 # ------------------------------------------------------------------------------------ the driver
 
-def pipeline_stages() -> list[str]:
-    return [s for s in ALL_STAGES if s in IMPLEMENTED_STAGES]
+def best_config_stages(base: RunConfig) -> list[str]:
+    """The stages of the best config: the sweep's own `stages` with `align` added (so that running it
+    produces the winning aligned model, or reuses the copy the sweep published)."""
+    return [s for s in ALL_STAGES if s in IMPLEMENTED_STAGES and (s in base.stages or s == "align")]
 
 
 def _build_prerequisites(cfg: RunConfig, tracker: Tracker, resume: bool) -> None:
+    """Run the stages before `align` that `stages` lists (default: all; a sweep whose metric needs
+    no judge can leave `judges` out)."""
     from rich.console import Console
 
     from rlhf_tts.run import STAGE_RUNNERS
 
     console = Console()
-    for stage in (s for s in PREREQUISITE_STAGES if s in IMPLEMENTED_STAGES):
+    for stage in (s for s in PREREQUISITE_STAGES if s in IMPLEMENTED_STAGES and s in cfg.stages):
         console.rule(f"sweep prerequisite: stage {stage}")
         STAGE_RUNNERS[stage](cfg, console, tracker, resume=resume)
 
@@ -342,6 +371,7 @@ def run_sweep(space: SearchSpace, resume: bool = False, echo: Callable[[str], No
             paths.parent_run_file.write_text(json.dumps({"run_id": parent.run_id, "tracking_uri": uri}))
         _build_prerequisites(base, parent, resume)
         started_ray = _connect(space, base)
+        endings: dict[str, str] = {}  # trial id -> why it ended early, for runs its process left open
         try:
             trainable = tune.with_resources(
                 tune.with_parameters(run_trial, space=space, shared_cache=str(shared_cache),
@@ -366,6 +396,11 @@ def run_sweep(space: SearchSpace, resume: bool = False, echo: Callable[[str], No
                        "iterations": (result.metrics or {}).get("training_iteration"),
                        "error": None if result.error is None else str(result.error).splitlines()[0][:300]}
                 trials.append(row)
+                if row["error"]:
+                    endings[str(row["trial_id"])] = f"failed: {row['error']}"
+                elif (row["iterations"] or 0) < iterations(space, int(row["params"].get("align.steps",
+                                                                                        base.align.steps))):
+                    endings[str(row["trial_id"])] = STOPPED_EARLY
             ok = [t for t in trials if t["metric"] is not None and t["error"] is None and math.isfinite(t["metric"])]
             if not ok:
                 raise RuntimeError(f"no trial reported {settings.metric!r}: "
@@ -374,9 +409,11 @@ def run_sweep(space: SearchSpace, resume: bool = False, echo: Callable[[str], No
         finally:
             if started_ray:
                 ray.shutdown()
+            if parent.run_id:
+                _close_unfinished_trial_runs(parent.run_id, endings)
         best_params = decode(space, best.config)
         best_trial = best.metrics["trial_id"]
-        best_cfg = space.resolve({**best_params, "stages": pipeline_stages(), "tracking.tracking_uri": uri})
+        best_cfg = space.resolve({**best_params, "stages": best_config_stages(base), "tracking.tracking_uri": uri})
         paths.best_config.write_text(
             f"# best of sweep {space.name} ({settings.metric} {settings.mode}: {best.metrics[settings.metric]:.6g},"
             f" trial {best_trial})\n# run it: python -m rlhf_tts.run --config {paths.best_config}\n"
@@ -388,13 +425,30 @@ def run_sweep(space: SearchSpace, resume: bool = False, echo: Callable[[str], No
                          "rlhf_tts.sweep.best_params": json.dumps(best_params)[:5000]})
         parent.log_artifact(paths.best_config, "sweep")
         parent.log_artifact(paths.directory / "trials.json", "sweep")
-    echo(f"best trial {best_trial}: {json.dumps(best_params)} → {settings.metric} = {best.metrics[settings.metric]:.6g}")
+    echo(f"best trial {best_trial}: {json.dumps(best_params)} → "
+         f"{settings.metric} = {best.metrics[settings.metric]:.6g}")
     if published:
         echo(f"best aligned model copied to {published}")
     echo(f"best config written to {paths.best_config}")
     echo(to_yaml(best_cfg))
     return SweepResult(best_params, {k: v for k, v in best.metrics.items() if isinstance(v, (int, float))},
                        paths.best_config, parent.run_id, trials, paths.experiment)
+
+
+def _close_unfinished_trial_runs(parent_run_id: str, endings: dict[str, str]) -> int:
+    """A trial process that Tune killed before it could close its MLflow run (ASHA stops a trial by
+    raising in `tune.report` and then ends the process, so closing races with the kill) leaves the
+    run RUNNING forever: mark such child runs KILLED, with why. Returns how many there were."""
+    import mlflow
+
+    query = f"tags.`{TAG_PARENT}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+    runs = mlflow.search_runs(filter_string=query, output_format="list")
+    client = mlflow.MlflowClient()
+    for run in runs:
+        why = endings.get(run.data.tags.get(TAG_TRIAL, ""), "its process ended without closing the run")
+        client.set_tag(run.info.run_id, TAG_ENDED, why)
+        client.set_terminated(run.info.run_id, status="KILLED")
+    return len(runs)
 
 
 def _connect(space: SearchSpace, cfg: RunConfig) -> bool:
@@ -409,15 +463,24 @@ def _connect(space: SearchSpace, cfg: RunConfig) -> bool:
     return True
 
 
+def iterations(space: SearchSpace, steps: int) -> int:
+    """Reports of a trial of `steps` learner updates that runs to the end: every `report_every`
+    updates, and the last one."""
+    return max(1, math.ceil(steps / space.settings.report_every))
+
+
 def _tune_config(space: SearchSpace, base: RunConfig) -> tune.TuneConfig:
     settings = space.settings
-    iterations = max(1, math.ceil(base.align.steps / settings.report_every))
+    steps = base.align.steps
+    if "align.steps" in space.space:  # swept: ASHA's horizon is the longest trial's
+        steps = max(int(v) for v in space.space["align.steps"].values)
+    max_t = iterations(space, steps)
     scheduler = None
     if settings.scheduler == "asha":
         from ray.tune.schedulers import ASHAScheduler
 
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=iterations,
-                                  grace_period=min(settings.grace_period, iterations),
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                                  grace_period=min(settings.grace_period, max_t),
                                   reduction_factor=settings.reduction_factor)
     search_alg = None
     if settings.search == "optuna":

@@ -227,9 +227,12 @@ def load_space(path: str | os.PathLike[str], overrides: list[str] | None = None,
 def _validate_values(space: SearchSpace, where: str) -> None:
     """Every value each distribution can take must give a valid config (grids: every combination)."""
     try:
-        space.base_config()
+        base = space.base_config()
     except ConfigError as err:
         raise SpaceError(f"{where}: base: {err}") from None
+    if space.settings.metric_fn == DEFAULT_METRIC_FN and "judges" not in base.stages:
+        raise SpaceError(f"{where}: stages: the default metric ({DEFAULT_METRIC_FN}) needs the judges stage; "
+                         "keep it in stages or choose another --metric-fn")
     for key, dist in space.space.items():
         for value in dist.candidates():
             try:
