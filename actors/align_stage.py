@@ -29,6 +29,15 @@ def run_align_stage(cfg: RunConfig, console: Console, tracker, resume: bool = Fa
     out = Path(cfg.output_dir) / "align_summary.json"
     out.write_text(json.dumps(summary, indent=1, default=str))
     tracker.log_artifact(out, "align")
+    if summary.get("history"):
+        from rlhf_tts.eval.plots import alignment_curves_figure
+
+        figure = alignment_curves_figure(summary["history"], f"EASPO on {cfg.preset}: k={cfg.align.k}, "
+                                         f"t in {list(cfg.align.timestep_range())}, {cfg.align.objective}",
+                                         Path(cfg.output_dir) / "align_curves.png")
+        tracker.log_artifact(figure, "align")
+    if tracker.enabled:
+        _log_aligned_samples(cfg, location, tracker)
     if "accounting_consistent" in summary:
         console.print(f"pair accounting consistent: {summary['accounting_consistent']} "
                       f"(transport {summary['transport']}, learner {summary['learner']})")
@@ -36,3 +45,15 @@ def run_align_stage(cfg: RunConfig, console: Console, tracker, resume: bool = Fa
         console.print(f"reward batching: {summary['reward_batching']}")
     console.print(f"aligned model: {location.final} ({summary['wall_seconds']:.0f} s)")
     return summary
+
+
+def _log_aligned_samples(cfg: RunConfig, location, tracker) -> None:  # noqa: ANN001
+    """One held-out sentence per emotion from the aligned policy, as audio and mel images in MLflow."""
+    from rlhf_tts.data.manifest import read_manifest
+    from rlhf_tts.data.pipeline import dataset_location
+    from rlhf_tts.training.pretrain import log_samples, resolve_device, sample_rows
+
+    device = resolve_device(cfg.align.device)
+    model, vocab, base_cfg = location.as_base().load(device)
+    rows = read_manifest(dataset_location(cfg)[0].manifest_path).to_pylist()
+    log_samples(model, sample_rows(rows, vocab), vocab, base_cfg, device, int(cfg.align.steps), tracker, "align/samples")

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -29,7 +29,7 @@ from actors.learner import LearnerActor
 from actors.reward import RewardActor
 from actors.rollout import RolloutActor
 from rlhf_tts.config import RunConfig
-from rlhf_tts.training.align import AlignedModel, aligned_model_location
+from rlhf_tts.training.align import AlignedModel, aligned_model_location, history_row
 
 ProgressFn = Callable[..., None]
 
@@ -82,7 +82,8 @@ def bundles(cfg: RunConfig, gpus_available: bool) -> list[dict[str, float]]:
         out.update(extra or {})
         return out or {"CPU": 0.01}
 
-    return ([bundle(d.learner_num_cpus, d.learner_num_gpus), bundle(d.reward_num_cpus, d.reward_num_gpus)]
+    return ([bundle(d.learner_num_cpus, d.learner_num_gpus, d.learner_resources),
+             bundle(d.reward_num_cpus, d.reward_num_gpus, d.reward_resources)]
             + [bundle(d.rollout_num_cpus, d.rollout_num_gpus, d.rollout_resources)] * d.num_rollout_actors)
 
 
@@ -131,11 +132,16 @@ def start_actors(cfg: RunConfig, resume: bool, placement: tuple[object, int] | N
 
 
 def _wait_alive(handle, method: str = "ping", timeout_s: float = 300.0):  # noqa: ANN001, ANN202
-    """Call `method` until the (restarting) actor answers."""
+    """Call `method` until the (restarting) actor answers; an actor whose constructor raised (a missing
+    base model or EASPM, no GPU) fails at once with its error instead of being waited on."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
             return ray.get(getattr(handle, method).remote(), timeout=30)
+        except ActorDiedError as err:
+            if getattr(err, "actor_init_failed", False) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
         except (RayActorError, GetTimeoutError):
             if time.monotonic() > deadline:
                 raise
@@ -179,6 +185,11 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
           on_update: Callable[[int, Actors], None] | None) -> dict:
     d = cfg.distributed
     status = _wait_alive(actors.learner, "status")
+    # Every actor loads its models before the clock starts: a constructor that fails (a missing
+    # EASPM, a GPU that is not there) fails the run here, and throughput excludes start-up.
+    _wait_alive(actors.reward)
+    for actor in actors.rollouts:
+        _wait_alive(actor)
     consumed = status["consumed_ids"]
     next_index = 1 + max((int(r[1:]) for r in consumed), default=-1)
     version = status["version"]
@@ -192,6 +203,7 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
     per_actor = [0] * len(actors.rollouts)
     started = time.monotonic()
     pairs_seen = 0
+    history: list[dict[str, float]] = []
     while updates < cfg.align.steps:
         for i, actor in enumerate(actors.rollouts):
             while per_actor[i] < d.max_in_flight:
@@ -219,6 +231,12 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
         except RayActorError:  # the learner died during this update
             ledger.lost_in_learner += 1
             incarnation, stats = None, None
+        except ObjectLostError:
+            # The batch lived in the object store of a node that died (multi-node) before the learner
+            # fetched it: the learner never saw it, so it counts as lost in flight, not completed.
+            ledger.completed -= 1
+            ledger.lost_in_flight += 1
+            continue
         if incarnation != learner_incarnation:
             # The learner restarted from its checkpoint: what it trained on since then is rolled back.
             ledger.learner_restarts_seen += 1
@@ -248,6 +266,7 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
             for actor in actors.rollouts:
                 actor.set_weights.remote(version, weights)
         elapsed = max(time.monotonic() - started, 1e-6)
+        history.append(history_row(stats, pairs_seen / elapsed))
         if tracker is not None and updates % cfg.align.log_every == 0:
             tracker.log_metrics({f"align/{k}": float(v) for k, v in stats.items()}
                                 | {"align/pairs_per_s": pairs_seen / elapsed,
@@ -260,7 +279,7 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
     ledger.discarded_at_end = len(in_flight)
     final = _wait_alive(actors.learner, "status")
     summary = {"updates": final["updates"], "seconds": time.monotonic() - started, "pairs_kept_seen": pairs_seen,
-               "learner_rollouts_before": initial_rollouts,
+               "learner_rollouts_before": initial_rollouts, "history": history,
                "learner": final["ledger"], "transport": {k: v for k, v in asdict(ledger).items() if k != "sent_to_learner"}}
     summary["accounting_consistent"] = accounting_consistent(summary)
     return summary

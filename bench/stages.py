@@ -1,12 +1,15 @@
 """Wall time and peak memory of the main job's stages, each run as a user runs it.
 
     python bench/stages.py [--preset tiny] [--stages data pretrain] [--work DIR] [--separability]
+    python bench/stages.py --main-job [--preset tiny] [--work DIR]
 
-For each stage in order, `python -m rlhf_tts.run preset=P stages=[S]` runs in a fresh wrapper
-process, so the peak resident memory reported is that of this stage's job and all its workers
-(RUSAGE_CHILDREN of the wrapper). Earlier stages' caches are reused, as in a real run; the first
-stage starts from an empty cache, and `data` is also timed warm (cache reused). MLflow is on, as in
-the default main job. The README's figures come from this script.
+For each stage in order, `python -m rlhf_tts.run preset=P stages=[S]` runs as a child process;
+earlier stages' caches are reused, as in a real run; the first stage starts from an empty cache,
+and `data` is also timed warm (cache reused). `--main-job` instead runs the main job exactly as a
+user does (`python -m rlhf_tts.run preset=P`, every stage) on an empty cache, then a second time
+with the caches. Peak memory is the largest sum of resident memory over the job's whole process
+tree (the job, its data workers, the Ray processes and actors), sampled every 0.2 s. MLflow is on,
+as in the default main job. The README's figures come from this script.
 """
 
 from __future__ import annotations
@@ -19,19 +22,32 @@ import tempfile
 import time
 from pathlib import Path
 
-_WRAPPER = (
-    "import resource, subprocess, sys, json, time; t = time.monotonic(); "
-    "r = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-    "print(json.dumps({'rc': r.returncode, 'seconds': time.monotonic() - t, "
-    "'peak_rss_gib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}))"
-)
+def _tree_rss(process) -> int:  # noqa: ANN001 - psutil.Process
+    import psutil
+
+    total = 0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # exited between listing and reading
+            pass
+    return total
 
 
-def measure(cmd: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, check=True)
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+def measure(cmd: list[str], log: Path | None = None) -> dict:
+    """Run `cmd`; wall time and the peak summed RSS of its process tree (Ray workers included)."""
+    import psutil
+
+    started = time.monotonic()
+    with open(log or "/dev/null", "w") as sink:
+        child = psutil.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+        peak = 0
+        while child.poll() is None:
+            peak = max(peak, _tree_rss(child))
+            time.sleep(0.2)
+    result = {"rc": child.returncode, "seconds": time.monotonic() - started, "peak_rss_gib": peak / 2**30}
     if result["rc"] != 0:
-        raise SystemExit(f"command failed ({result['rc']}): {' '.join(cmd)}")
+        raise SystemExit(f"command failed ({result['rc']}): {' '.join(cmd)}" + (f" (log {log})" if log else ""))
     return result
 
 
@@ -41,11 +57,21 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=["data", "pretrain"])
     parser.add_argument("--work", help="folder for outputs and caches (default: a new temporary folder)")
     parser.add_argument("--separability", action="store_true", help="also time the prosodic separability check")
+    parser.add_argument("--main-job", action="store_true",
+                        help="time the whole main job (every stage) cold, then again with its caches")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="rlhf_tts_bench_"))
     base = [sys.executable, "-m", "rlhf_tts.run", f"preset={args.preset}", f"output_dir={work / 'out'}",
             f"cache_dir={work / 'cache'}"]
     results = {}
+    if args.main_job:
+        for label in ("first run", "second run"):
+            results[label] = measure(base, work / f"main_job_{label.split()[0]}.log")
+            print(f"{args.preset} main job, {label}: {results[label]['seconds'] / 60:6.1f} min, "
+                  f"peak memory {results[label]['peak_rss_gib']:.2f} GiB (log {work / f'main_job_{label.split()[0]}.log'})",
+                  flush=True)
+        print(json.dumps(results))
+        return
     for stage in args.stages:
         results[stage] = measure([*base, f"stages=[{stage}]"])
         print(f"{args.preset} {stage:>9}: {results[stage]['seconds']:7.1f} s, peak RSS {results[stage]['peak_rss_gib']:.2f} GiB",

@@ -72,7 +72,7 @@ def test_killing_rollout_reward_and_learner_actors_mid_run(prepared):
 
     steps = 9
     cfg = _cfg(prepared, f"align.steps={steps}", "align.checkpoint_every=2", "distributed.max_in_flight=2",
-               "distributed.max_staleness=3", "seed=7")
+               "distributed.max_staleness=3")
     shutil.rmtree(aligned_model_location(cfg).directory, ignore_errors=True)
     killed = []
 

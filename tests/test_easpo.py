@@ -169,3 +169,51 @@ def test_batched_requests_split_back_in_order():
     parts = split_result(emotion_energy_reward(merged), sizes)
     for request, part in zip(requests, parts):
         assert torch.allclose(part.scores, emotion_energy_reward(request).scores, atol=1e-6)
+
+
+def test_crop_pairs_cuts_one_window_inside_each_utterance():
+    cfg = align_cfg(threshold=0.0, sampler_steps=8)
+    pairs = _pairs(tiny_model(), cfg)
+    frames = 8
+    assert pairs.x_t.shape[-1] > frames
+    cropped = easpo.crop_pairs(pairs, frames, torch.Generator().manual_seed(0))
+    again = easpo.crop_pairs(pairs, frames, torch.Generator().manual_seed(0))
+    assert torch.equal(cropped.x_win, again.x_win)  # deterministic under the generator
+    assert cropped.x_t.shape[-1] == frames and len(cropped) == len(pairs)
+    for i in range(len(pairs)):
+        window = cropped.x_win[i]
+        # the window is a contiguous piece of the pair's own winner, inside its valid frames
+        full = pairs.x_win[i]
+        starts = [s for s in range(full.shape[-1] - frames + 1) if torch.equal(full[:, s:s + frames], window)]
+        assert starts, i
+        valid = int(pairs.mask[i].sum())
+        assert starts[0] + int(cropped.mask[i].sum()) <= valid
+        assert torch.equal(cropped.t[i], pairs.t[i]) and torch.equal(cropped.x_t[i], pairs.x_t[i, :, starts[0]:starts[0] + frames])
+
+
+def test_learner_on_cropped_pairs_starts_at_zero_log_ratio_and_moves_the_margin():
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3, learner_crop_frames=8)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    pairs = _pairs(learner.policy, cfg)
+    window = easpo.crop_pairs(pairs, 8, torch.Generator().manual_seed(0))
+    l_w, l_l = _margin(learner, window, cfg)
+    assert torch.allclose(l_w, torch.zeros_like(l_w)) and torch.allclose(l_l, torch.zeros_like(l_l))
+    for _ in range(15):
+        learner.update(pairs, torch.Generator().manual_seed(0))  # the same window every time
+    l_w, l_l = _margin(learner, window, cfg)
+    assert float((l_w - l_l).mean()) > 0
+
+
+def test_placement_bundles_carry_each_actors_resources():
+    from actors.orchestrator import bundles
+
+    cfg = load_config(None, ["preset=smoke", "distributed.num_rollout_actors=2", "distributed.rollout_num_gpus=0.5",
+                             "distributed.learner_num_gpus=1", "distributed.rollout_resources={rollout_node: 1}",
+                             "distributed.learner_resources={learner_node: 1}",
+                             "distributed.reward_resources={reward_node: 1}"])
+    learner, reward, *rollouts = bundles(cfg, gpus_available=True)
+    assert learner == {"CPU": cfg.distributed.learner_num_cpus, "GPU": 1.0, "learner_node": 1.0}
+    assert reward == {"CPU": cfg.distributed.reward_num_cpus, "reward_node": 1.0}
+    assert rollouts == [{"CPU": 1.0, "GPU": 0.5, "rollout_node": 1.0}] * 2
+    cpu_only = bundles(cfg, gpus_available=False)  # a CPU machine: GPU requests are dropped, not unschedulable
+    assert all("GPU" not in b for b in cpu_only)

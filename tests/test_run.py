@@ -11,17 +11,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
+    """Every stage, data to evaluate, as a user runs it (no stage list given), then again from caches."""
+    import json
+    import time
+
     out, cache = tmp_path / "out", tmp_path / "cache"
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": ""}
+    started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "rlhf_tts.run", "preset=smoke", f"output_dir={out}", f"cache_dir={cache}"],
-        capture_output=True, text=True, timeout=300, env={**__import__("os").environ, "MLFLOW_TRACKING_URI": ""},
+        capture_output=True, text=True, timeout=600, env=env,
     )
-    assert result.returncode == 0, result.stderr
+    first_run = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
     stdout = result.stdout
     assert "Corpus: 80 utterances" in stdout and "quarantined" in stdout
-    assert "not yet in this version" in stdout  # says which stages do not exist yet
-    for name in ("config.yaml", "manifest.parquet", "quarantine.csv", "data_summary.md", "data_summary.json", "symbols.json"):
+    for stage in ("data", "pretrain", "easpm", "judges", "align", "evaluate"):
+        assert f"stage {stage}" in stdout, stage
+    for name in ("config.yaml", "manifest.parquet", "quarantine.csv", "data_summary.md", "data_summary.json",
+                 "symbols.json", "easpm_curve.json", "easpm_curve.png", "judges_report.json", "align_summary.json",
+                 "align_curves.png", "evaluate/report.json", "evaluate/report.md"):
         assert (out / name).is_file(), name
+    align = json.loads((out / "align_summary.json").read_text())
+    assert align["updates"] == 4 and align["accounting_consistent"], align
+    assert align["learner"]["pairs_consumed"] > 0  # the learner trained on pairs
+    report = json.loads((out / "evaluate" / "report.json").read_text())
+    names = [system["name"] for system in report["systems"]]
+    assert names[0].startswith("ground-truth") and "base model" in names and "aligned model" in names, names
+    assert "aligned model" in stdout  # the comparison table ends the job
+    assert first_run < 240, f"the smoke main job took {first_run:.0f} s"
+
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
@@ -29,17 +48,28 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.data.metrics["data/utterances"] == 80 and run.data.params["preset"] == "smoke"
+    metrics = run.data.metrics
+    assert metrics["data/utterances"] == 80 and run.data.params["preset"] == "smoke"
+    for key in ("pretrain/total", "easpm/loss", "align/loss", "align/kept_fraction", "align/reward_margin",
+                "align/log_ratio_margin", "align/staleness", "align/pairs_per_s"):
+        assert key in metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert "data/data_summary.md" in artifacts
+    align_artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "align")}
+    assert "align/align_curves.png" in align_artifacts and "align/samples" in align_artifacts
 
-    # A second run reuses every cache and gives the same manifest.
+    # A second run reuses every cache (corpus, models, judges, aligned policy) and gives the same manifest.
     before = (out / "manifest.parquet").read_bytes()
+    started = time.monotonic()
     again = subprocess.run(
         [sys.executable, "-m", "rlhf_tts.run", "preset=smoke", f"output_dir={out}", f"cache_dir={cache}",
-         "tracking.enabled=false"], capture_output=True, text=True, timeout=300,
+         "tracking.enabled=false", "stages=[data,pretrain,easpm,judges,align]"],
+        capture_output=True, text=True, timeout=300,
     )
-    assert again.returncode == 0 and (out / "manifest.parquet").read_bytes() == before
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (out / "manifest.parquet").read_bytes() == before
+    assert "pretrain Grad-TTS" not in again.stdout and "train EASPM" not in again.stdout  # nothing retrained
+    assert time.monotonic() - started < first_run
 
 
 def test_cli_bad_value_exit_code_2():

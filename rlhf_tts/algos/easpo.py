@@ -217,6 +217,32 @@ def rollout(
     return RolloutResult(pairs, x, prior)
 
 
+# --------------------------------------------------------------------------------------------- crop
+
+def crop_pairs(pairs: PreferenceBatch, frames: int, generator: torch.Generator) -> PreferenceBatch:
+    """Each pair cut to one random window of `frames` frames of its utterance (shorter ones: from 0).
+
+    The learner's cost is a U-Net forward and backward per pair over the whole utterance; a window
+    is an unbiased sample of the mean-reduced log-ratio's elements at a fraction of the cost, the way
+    Grad-TTS trains its decoder on random segments. Policy and reference see the same window, so
+    the log-ratio is still exactly 0 at the start.
+    """
+    total = pairs.x_t.shape[-1]
+    if frames >= total:
+        return pairs
+    lengths = pairs.mask.sum(dim=(1, 2)).long().cpu()
+    starts = (torch.rand(len(pairs), generator=generator) * (lengths - frames + 1).clamp_min(1)).long()
+    index = (starts.unsqueeze(1) + torch.arange(frames)).to(pairs.x_t.device)
+
+    def cut(x: Tensor) -> Tensor:
+        return torch.gather(x, 2, index.unsqueeze(1).expand(-1, x.shape[1], -1))
+
+    moved = {f.name: getattr(pairs, f.name) for f in fields(pairs)}
+    for name in ("x_t", "mu", "mask", "x_win", "x_lose"):
+        moved[name] = cut(moved[name])
+    return PreferenceBatch(**moved)
+
+
 # --------------------------------------------------------------------------------------------- loss
 
 def clipped_log_ratio(log_ratio: Tensor, eps: float) -> Tensor:
@@ -285,13 +311,19 @@ class EASPOLearner:
         self.updates = 0
         self.pairs_trained = 0
 
-    def update(self, pairs: PreferenceBatch) -> dict[str, float]:
-        """One optimizer step on all pairs of the batch (none → no step, version unchanged)."""
+    def update(self, pairs: PreferenceBatch, generator: torch.Generator | None = None) -> dict[str, float]:
+        """One optimizer step on all pairs of the batch (none → no step, version unchanged).
+
+        With `learner_crop_frames` set, each pair is cut to a random window drawn from `generator`.
+        """
         stats = {"pairs": float(len(pairs))}
         if len(pairs) == 0:  # a rollout whose pairs all fell under the threshold still counts as a step
             self._advance()
             return stats
         device = next(self.policy.parameters()).device
+        if self.cfg.learner_crop_frames:
+            frames = -(-self.cfg.learner_crop_frames // self.policy.length_multiple) * self.policy.length_multiple
+            pairs = crop_pairs(pairs, frames, generator or torch.Generator().manual_seed(self.updates))
         pairs = pairs.to(device)
         l_w, l_l = pair_log_ratios(self.policy, self.reference, pairs, self.cfg.reduce, self.cfg.guidance)
         loss = preference_loss(l_w, l_l, pairs.score_win, pairs.score_lose, self.cfg).mean()

@@ -202,7 +202,7 @@ class LearnerCore:
             self._consumed.add(batch.rollout_id)
             self.ledger.consumed_ids.append(batch.rollout_id)
             return {"skipped": 1.0, "stale": 1.0, "staleness": float(staleness)}
-        stats = self.learner.update(batch)
+        stats = self.learner.update(batch, torch.Generator().manual_seed(stable_int(self.cfg.seed, "crop", batch.rollout_id)))
         self.ledger.pair_digests[batch.rollout_id] = batch_digest(batch)
         self.ledger.pairs_consumed += len(batch)
         self._consumed.add(batch.rollout_id)
@@ -244,6 +244,12 @@ class LearnerCore:
         return self.learner.decoder_state()
 
 
+def history_row(stats: dict[str, float], pairs_per_s: float) -> dict[str, float]:
+    """The per-update figures both loops keep for the training-curve plot."""
+    keys = ("updates", "loss", "reward_margin", "kept_fraction", "log_ratio_margin", "win_score", "staleness")
+    return {k: float(stats[k]) for k in keys if k in stats} | {"pairs_per_s": float(pairs_per_s)}
+
+
 # ------------------------------------------------------------------------------- in-process loop
 
 def run_inprocess_alignment(
@@ -264,6 +270,7 @@ def run_inprocess_alignment(
     prompts = load_prompts(cfg, core.vocab)
     index = core.ledger.rollouts_produced  # in-process, rollout r is produced once, in order
     started = time.monotonic()
+    history: list[dict[str, float]] = []
     while core.updates < cfg.align.steps and (stop_after is None or core.updates < stop_after):
         text, _ = prompts.batch(index)
         result = rollout(core.learner.policy, text.to(device), cfg.align, reward.score,
@@ -272,13 +279,14 @@ def run_inprocess_alignment(
             on_pairs(index, result.batch)
         stats = core.update(result.batch)
         index += 1
+        elapsed = max(time.monotonic() - started, 1e-6)
+        history.append(history_row(stats, core.ledger.pairs_produced / elapsed))
         if tracker is not None and (core.updates % cfg.align.log_every == 0):
-            elapsed = max(time.monotonic() - started, 1e-6)
             tracker.log_metrics({f"align/{k}": v for k, v in stats.items()} |
                                 {"align/pairs_per_s": core.ledger.pairs_produced / elapsed}, step=core.updates)
         report("align EASPO (in-process)", core.updates, cfg.align.steps,
                info=f"loss {stats.get('loss', float('nan')):.4f} kept {stats.get('kept_fraction', 0):.2f}")
-    summary = {"updates": core.updates, "seconds": time.monotonic() - started,
+    summary = {"updates": core.updates, "seconds": time.monotonic() - started, "history": history,
                **{k: v for k, v in core.ledger.to_json().items() if k != "consumed_ids"}}
     if core.updates >= cfg.align.steps:
         core.publish()

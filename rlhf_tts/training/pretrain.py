@@ -130,7 +130,7 @@ def run_pretraining(
             "n_parameters": sum(p.numel() for p in model.parameters())}
     (directory / "model.json").write_text(json.dumps(meta, indent=1))
 
-    sample_rows = _sample_rows(rows, vocab)
+    samples = sample_rows(rows, vocab)
     model.train()
     started, first_step = time.monotonic(), step
     losses: dict[str, float] = {}
@@ -159,7 +159,7 @@ def run_pretraining(
             save_checkpoint(checkpoints, step, model, optimizer, _rng_state(generator, device),
                             {"data_position": list(next_position), "losses": losses})
         if tracker is not None and (step % cfg.pretrain.sample_every == 0 or step == cfg.pretrain.steps):
-            _log_samples(model, sample_rows, vocab, cfg, device, step, tracker)
+            log_samples(model, samples, vocab, cfg, device, step, tracker, "pretrain/samples")
             model.train()
     if step >= cfg.pretrain.steps:
         final_tmp = directory / f".final.tmp-{os.getpid()}"
@@ -169,7 +169,7 @@ def run_pretraining(
     return base
 
 
-def _sample_rows(rows: list[dict], vocab: Vocabulary) -> list[dict]:
+def sample_rows(rows: list[dict], vocab: Vocabulary) -> list[dict]:
     """One validation sentence of the first speaker per emotion, for listening during training."""
     picked: dict[str, dict] = {}
     for row in sorted(rows, key=lambda r: r["utt_id"]):
@@ -179,8 +179,8 @@ def _sample_rows(rows: list[dict], vocab: Vocabulary) -> list[dict]:
 
 
 @torch.no_grad()
-def _log_samples(model: GradTTS, rows: list[dict], vocab: Vocabulary, cfg: RunConfig, device: torch.device,
-                 step: int, tracker) -> None:  # noqa: ANN001
+def log_samples(model: GradTTS, rows: list[dict], vocab: Vocabulary, cfg: RunConfig, device: torch.device,
+                step: int, tracker, artifact_path: str) -> None:  # noqa: ANN001
     """Speak one held-out sentence per emotion and log its mel image and audio to MLflow."""
     import tempfile
 
@@ -202,5 +202,5 @@ def _log_samples(model: GradTTS, rows: list[dict], vocab: Vocabulary, cfg: RunCo
             name = f"step{step:07d}_{row['emotion']}"
             sf.write(Path(tmp) / f"{name}.wav", synthesizer.vocoder(mel).cpu().numpy(), cfg.features.sample_rate)
             mel_figure(mel.cpu().numpy(), f"{row['emotion']}: {row['text']}", Path(tmp) / f"{name}.png")
-            tracker.log_artifact(Path(tmp) / f"{name}.wav", "pretrain/samples")
-            tracker.log_artifact(Path(tmp) / f"{name}.png", "pretrain/samples")
+            tracker.log_artifact(Path(tmp) / f"{name}.wav", artifact_path)
+            tracker.log_artifact(Path(tmp) / f"{name}.png", artifact_path)
