@@ -485,7 +485,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "evaluate": {"sampler_steps": 4, "bootstrap": 200},
         "distributed": {"reward_num_cpus": 0.5, "learner_num_cpus": 0.5},
     },
-    "tiny": {},
+    # Tiny EASPM scores k candidates of one state within ~0.1 of each other (softmax margin ~0.05):
+    # SPO's 0.3 keeps ~1 % of pairs, 0.05 keeps ~15 %. Crops keep a learner step under a second.
+    "tiny": {"align": {"threshold": 0.05, "learner_crop_frames": 64}},
     # Published sizes: ESD English has 10 speakers x 350 sentences x 5 emotions; Grad-TTS's encoder
     # has 192 channels and 6 layers, its decoder base width 64 with multipliers (1, 2, 4).
     "paper": {

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     console.rule(f"rlhf_tts.run · preset {cfg.preset}")
     console.print(to_yaml(cfg), highlight=False)
     pending = [s for s in ALL_STAGES if s not in IMPLEMENTED_STAGES]
-    console.print(f"stages: {', '.join(cfg.stages)}  (not yet in this version: {', '.join(pending)})")
+    console.print(f"stages: {', '.join(cfg.stages)}" + (f"  (not yet in this version: {', '.join(pending)})" if pending else ""))
 
     from rlhf_tts.data.pipeline import NoUsableDataError
     from rlhf_tts.tracking import tracked_run

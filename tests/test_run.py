@@ -39,7 +39,7 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     names = [system["name"] for system in report["systems"]]
     assert names[0].startswith("ground-truth") and "base model" in names and "aligned model" in names, names
     assert "aligned model" in stdout  # the comparison table ends the job
-    assert first_run < 240, f"the smoke main job took {first_run:.0f} s"
+    assert first_run < 180, f"the smoke main job took {first_run:.0f} s"
 
     import mlflow
 

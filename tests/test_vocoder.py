@@ -317,3 +317,13 @@ def test_reference_mel_pseudo_inverse_matches_librosa(cfg, griffin_lim):
     basis = librosa.filters.mel(sr=cfg.sample_rate, n_fft=cfg.n_fft, n_mels=cfg.n_mels, fmin=cfg.f_min, fmax=cfg.f_max)
     product = torch.from_numpy(basis).double() @ griffin_lim.inverse.double()
     torch.testing.assert_close(product, torch.eye(cfg.n_mels, dtype=torch.float64), atol=1e-4, rtol=0)
+
+
+def test_griffin_lim_gives_finite_audio_for_a_diverged_mel(cfg, griffin_lim):
+    """A diverged policy's log-mels (90 overflows exp in float32; NaN frames) still vocode to
+    finite audio in [-1, 1], so one bad system cannot turn a whole report's column to NaN."""
+    mel = torch.full((cfg.n_mels, 40), -5.0)
+    mel[:, 10:20] = 90.0
+    mel[:, 25] = float("nan")
+    audio = griffin_lim(mel)
+    assert torch.isfinite(audio).all() and audio.abs().max() <= 1.0 and audio.abs().max() > 0.1

@@ -63,6 +63,9 @@ def _as_batch(mel: torch.Tensor, n_mels: int) -> tuple[torch.Tensor, bool]:
 # --------------------------------------------------------------------------------------------------
 
 
+MAX_LOG_MEL = 20.0  # the ceiling GriffinLimVocoder clamps log-mels to before exp
+
+
 class GriffinLimVocoder(nn.Module):
     """Mel pseudo-inverse + fast Griffin-Lim; deterministic (phase initialised to zero)."""
 
@@ -90,6 +93,9 @@ class GriffinLimVocoder(nn.Module):
         batch, squeeze = _as_batch(mel, cfg.n_mels)
         batch = batch.to(device=self.inverse.device, dtype=torch.float32)
         frames = batch.shape[-1]
+        # A diverged model can emit log-mels of 90+ (exp overflows float32 to inf, and the clip turns
+        # to NaN): cap far above any real frame (audio in [-1, 1] stays under ~5) and map NaN to silence.
+        batch = torch.nan_to_num(batch, nan=math.log(1e-5)).clamp_(max=MAX_LOG_MEL)
         magnitude = (self.inverse @ torch.exp(batch)).clamp_(min=0.0)  # (B, n_freqs, T)
         # torch.istft centres frame t on sample t*hop; LogMel (HiFi-GAN convention) centres it on
         # t*hop + offset. One replicated frame on each side lets us cut out the aligned samples.
