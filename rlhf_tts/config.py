@@ -196,9 +196,10 @@ class EASPMConfig(_Strict):
         "neutral keeps the label out of mu so that the model must read emotion from the audio (x0) part; own "
         "uses each utterance's label (then mu alone reveals the emotion at large t)")
     pair_timing: Literal["shared", "own"] = Field(
-        "shared", description="Bradley-Terry pairs: shared = the other emotion re-timed phoneme by phoneme to the "
-        "target's durations over the target's mu, so the pair differs only in spectral content, as EASPO's "
-        "candidates from one state do (default: a reward that ranks by timing cannot rank those); own = each "
+        "shared", description="Bradley-Terry pairs: shared = both utterances re-timed phoneme by phoneme to one "
+        "common timing (the mean of their durations) over the target's mu, so the pair differs only in spectral "
+        "content, as EASPO's candidates from one state do (default: a reward that ranks by timing cannot rank "
+        "those; re-timing both keeps the resampling from marking the loser); own = each "
         "utterance with its own timing and mu, cropped to a common length")
     # Training.
     steps: int = Field(1500, ge=1)

@@ -253,6 +253,17 @@ def test_evaluate_stage_of_the_main_job_prints_the_comparison(judged, capsys):
     assert "ground-truth resynthesis" in printed and "base model" in printed and "no aligned model" in printed
     report = json.loads((out / "evaluate" / "report.json").read_text())
     assert [s["name"] for s in report["systems"]] == ["ground-truth resynthesis", "base model"]
+    # Same corpus, models, judges and evaluate.*: the second run reuses the report; another setting recomputes.
+    args = [f"output_dir={out}", f"cache_dir={cfg.cache_dir}", "preset=smoke", "tracking.enabled=false",
+            "stages=[evaluate]", *JUDGE_OVERRIDES, "evaluate.dnsmos=false", "evaluate.include_recordings=false"]
+    (out / "evaluate" / "report.md").unlink()
+    assert main([*args, "evaluate.max_utts=6"]) == 0
+    printed = capsys.readouterr().out
+    assert "evaluation cache" in printed and "no aligned model" in printed and "base model" in printed
+    assert json.loads((out / "evaluate" / "report.json").read_text()) == report and (out / "evaluate" / "report.md").is_file()
+    assert main([*args, "evaluate.max_utts=4"]) == 0
+    assert "evaluation cache" not in capsys.readouterr().out
+    assert json.loads((out / "evaluate" / "report.json").read_text())["n_utterances"] == 4
 
 
 @pytest.mark.slow

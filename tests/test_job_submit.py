@@ -165,8 +165,7 @@ def _listening_addresses(port: int) -> set[str]:
 
 def test_ray_job_submit_runs_the_main_job_and_logs_to_mlflow(head, tmp_path):
     out = tmp_path / "job_out"
-    # The smoke main job without the judges and evaluate stages (seconds of Ray-free CPU work each,
-    # tested elsewhere); align stays: it is the stage that runs actors on the cluster.
+    # The whole smoke main job, exactly as a user submits it (every stage; align runs the actors).
     runtime_env = {"env_vars": {"RLHF_TTS_CACHE_DIR": str(head["cache"])}}
     submission = f"rlhf-tts-smoke-{secrets.token_hex(4)}"
     # `ray job submit` authenticates with RAY_AUTH_MODE=token and the token in RAY_AUTH_TOKEN_PATH
@@ -180,7 +179,7 @@ def test_ray_job_submit_runs_the_main_job_and_logs_to_mlflow(head, tmp_path):
     result = subprocess.run(
         [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", submission,
          "--runtime-env-json", json.dumps(runtime_env), "--",
-         "python", "-m", "rlhf_tts.run", "preset=smoke", "stages=[data,pretrain,easpm,align]", f"output_dir={out}"],
+         "python", "-m", "rlhf_tts.run", "preset=smoke", f"output_dir={out}"],
         env=head["env"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     logs = result.stdout + result.stderr
     assert result.returncode == 0, logs[-4000:]
@@ -203,3 +202,4 @@ def test_ray_job_submit_runs_the_main_job_and_logs_to_mlflow(head, tmp_path):
     assert "Connecting to existing Ray cluster" in logs
     summary = json.loads((out / "align_summary.json").read_text())
     assert summary["accounting_consistent"] and summary["updates"] == int(run.data.params["align.steps"])
+    assert (out / "evaluate" / "report.json").is_file()  # the last stage ran too

@@ -10,6 +10,7 @@ the cache the `judges` stage fills (trained here if missing). The report lands i
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -155,12 +156,55 @@ def print_report(console, report, folder: Path, notes: list[str]) -> None:  # no
     console.print(f"report: {folder / 'report.md'} (JSON, per-utterance CSV, plots and audio examples beside it)")
 
 
+EVALUATION_CACHE_VERSION = 1
+
+
+def evaluation_cache_dir(cfg: RunConfig) -> Path | None:
+    """Where the stage's report for this exact line-up is cached, or None when it cannot be keyed.
+
+    Every system of the main job's line-up is a pure function of cached, hash-named inputs (corpus,
+    base model, aligned model, judges) and `evaluate.*` (fixed seed), so a second run can reuse the
+    report. User systems (`evaluate.systems`: folders that may change) are never cached."""
+    from rlhf_tts.config import stable_hash
+    from rlhf_tts.data.pipeline import dataset_location
+    from rlhf_tts.eval.judges_stage import checks_key
+    from rlhf_tts.training.pretrain import base_model_location
+
+    if cfg.evaluate.systems:
+        return None
+    aligned = aligned_model_dir(cfg)
+    aligned_id = None
+    if aligned is not None:  # its final state names the update it stopped at: a resumed run changes it
+        aligned_id = (str(aligned), (aligned / "final" / "state.json").read_text() if (aligned / "final" / "state.json").is_file() else None)
+    dataset, _ = dataset_location(cfg)
+    key = stable_hash(dataset.directory.name, base_model_location(cfg).directory.name, aligned_id, checks_key(cfg),
+                      cfg.judges.model_dump(), cfg.evaluate.model_dump(), cfg.features.model_dump(), EVALUATION_CACHE_VERSION)
+    return Path(cfg.cache_dir) / "evaluate" / key
+
+
 def run_evaluate_stage(cfg: RunConfig, console, tracker, resume: bool = False) -> dict:  # noqa: ANN001
+    from rlhf_tts.eval.report import Report
     from rlhf_tts.run import StageProgress, progress_bar
 
     start = time.monotonic()
-    with progress_bar(console) as progress:
-        report, folder, notes = run_evaluation(cfg, StageProgress(progress), tracker, base="require")
+    cached = evaluation_cache_dir(cfg)
+    folder = Path(cfg.output_dir) / "evaluate"
+    if cached is not None and (cached / "report.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(cached, folder)
+        report = Report.load(folder / "report.json")
+        notes = list(report.info.get("notes", []))
+        report.log(tracker, folder)
+        console.print(f"evaluation cache: {cached} (same corpus, models, judges and evaluate.*)")
+    else:
+        with progress_bar(console) as progress:
+            report, folder, notes = run_evaluation(cfg, StageProgress(progress), tracker, base="require")
+        if cached is not None:  # published whole or not at all
+            tmp = cached.with_name(f".{cached.name}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(folder, tmp)
+            shutil.rmtree(cached, ignore_errors=True)
+            tmp.rename(cached)
     print_report(console, report, folder, notes)
     return {"report": str(folder / "report.json"), "seconds": round(time.monotonic() - start, 1),
             "systems": {s.name: {k: v.value for k, v in s.metrics.items()} for s in report.systems}}
