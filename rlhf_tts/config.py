@@ -408,9 +408,9 @@ class EvaluateConfig(_Strict):
         default_factory=dict, description="extra named systems: NAME: base-model dir or folder of <utt_id>.wav")
     seed: int = Field(0, description="sampling noise and bootstrap seed")
     threads: int = Field(
-        1, ge=0, description="torch CPU threads for synthesis and vocoding (0 = all cores). 1: the report already "
-        "keeps two cores busy (torch + the DNSMOS thread), and two torch threads measured 0.68 → 8 s per utterance "
-        "on a shared 2-core machine")
+        0, ge=0, description="torch CPU threads for synthesis and vocoding (0 = all cores: on a free 2-core machine "
+        "the base model's 50 test utterances took 57.8 s with 2 threads, 76.6 s with 1). Set 1 on a shared "
+        "machine: there two threads were measured 0.68 → 8 s per utterance")
     device: str = Field("cpu", description="auto | cpu | cuda | cuda:N (synthesis)")
 
     @model_validator(mode="after")
