@@ -279,6 +279,24 @@ def easpm_losses(model: EASPM, batch: PairBatch, prompts: Sequence[str], cfg: EA
 
 # ------------------------------------------------------------------------------------ the curve
 
+def _model_input(model: EASPM, x0: torch.Tensor, mu: torch.Tensor, noise: torch.Tensor, lengths: list[int],
+                 t_value: float, speakers: list[int], prior_emotions: list[int], beta_min: float, beta_max: float,
+                 x0_fn: X0Fn | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded (x0, mu, noise) of one chunk → (what EASPM reads at t, mask, t): x_t itself, or the base
+    model's clean estimate of it when `easpm.input=x0_hat`."""
+    device = x0.device
+    n_valid = torch.tensor(lengths, device=device)
+    mask = (torch.arange(x0.shape[-1], device=device).unsqueeze(0) < n_valid.unsqueeze(1)).unsqueeze(1).to(x0.dtype)
+    t = torch.full((len(lengths),), float(t_value), device=device)
+    states = diffusion.diffuse(x0, mu, t, noise, beta_min, beta_max) * mask
+    if model.cfg.input == "x0_hat":
+        if x0_fn is None:
+            raise ValueError("easpm.input=x0_hat needs the base model's clean estimate (x0_fn)")
+        prior = make_prior(mu, mask, torch.tensor(speakers, device=device), torch.tensor(prior_emotions, device=device))
+        states = x0_fn(states, mask, t, prior)
+    return states, mask, t
+
+
 @torch.no_grad()
 def accuracy_curve(model: EASPM, items: list[NoisedItem], groups: list[list[int]], t_grid: Sequence[float],
                    beta_min: float, beta_max: float, seed: int, x0_fn: X0Fn | None = None,
@@ -313,16 +331,9 @@ def accuracy_curve(model: EASPM, items: list[NoisedItem], groups: list[list[int]
             mu = _pad_stack([items[i].mu[:, : lengths[gi]] for gi, i in chunk], width)
             x0 = mu if prior_only else _pad_stack([items[i].mel[:, : lengths[gi]] for gi, i in chunk], width)
             noise = _pad_stack([noises[gi] for gi, _ in chunk], width).to(device)
-            n_valid = torch.tensor([lengths[gi] for gi, _ in chunk], device=device)
-            mask = (torch.arange(width, device=device).unsqueeze(0) < n_valid.unsqueeze(1)).unsqueeze(1).to(x0.dtype)
-            t = torch.full((len(chunk),), float(t_value), device=device)
-            states = diffusion.diffuse(x0, mu, t, noise, beta_min, beta_max) * mask
-            if model.cfg.input == "x0_hat":
-                if x0_fn is None:
-                    raise ValueError("easpm.input=x0_hat needs the base model's clean estimate (x0_fn)")
-                prior = make_prior(mu, mask, torch.tensor([items[i].speaker for _, i in chunk], device=device),
-                                   torch.tensor([items[i].prior_emotion for _, i in chunk], device=device))
-                states = x0_fn(states, mask, t, prior)
+            states, mask, t = _model_input(model, x0.to(device), mu.to(device), noise, [lengths[gi] for gi, _ in chunk],
+                                           t_value, [items[i].speaker for _, i in chunk],
+                                           [items[i].prior_emotion for _, i in chunk], beta_min, beta_max, x0_fn)
             scores[start : start + len(chunk)] = model.logits(model.embed_audio(states, mask, t), prompts).cpu()
         right, total, hits = 0.0, 0, 0
         margin_sum = 0.0
@@ -379,16 +390,9 @@ def shared_timing_accuracy(model: EASPM, items: list[NoisedItem], groups: list[l
             x0 = _pad_stack([x for x, _, _ in chunk], width).to(device)
             mu = _pad_stack([target.mu for _, target, _ in chunk], width).to(device)
             xi = _pad_stack([noise[id(target)] for _, target, _ in chunk], width).to(device)
-            n_valid = torch.tensor([x.shape[-1] for x, _, _ in chunk], device=device)
-            mask = (torch.arange(width, device=device).unsqueeze(0) < n_valid.unsqueeze(1)).unsqueeze(1).to(x0.dtype)
-            t = torch.full((len(chunk),), float(t_value), device=device)
-            x_t = diffusion.diffuse(x0, mu, t, xi, beta_min, beta_max) * mask
-            if model.cfg.input == "x0_hat":
-                if x0_fn is None:
-                    raise ValueError("easpm.input=x0_hat needs the base model's clean estimate (x0_fn)")
-                prior = make_prior(mu, mask, torch.tensor([target.speaker for _, target, _ in chunk], device=device),
-                                   torch.tensor([target.prior_emotion for _, target, _ in chunk], device=device))
-                x_t = x0_fn(x_t, mask, t, prior)
+            x_t, mask, t = _model_input(model, x0, mu, xi, [x.shape[-1] for x, _, _ in chunk], t_value,
+                                        [target.speaker for _, target, _ in chunk],
+                                        [target.prior_emotion for _, target, _ in chunk], beta_min, beta_max, x0_fn)
             logits = model.logits(model.embed_audio(x_t, mask, t), prompts)
             wanted = torch.tensor([target.emotion for _, target, _ in chunk], device=device)
             scores[start : start + len(chunk)] = logits.gather(1, wanted.unsqueeze(1)).squeeze(1).cpu()
