@@ -26,7 +26,7 @@ from rlhf_tts.data.manifest import read_manifest
 from rlhf_tts.models.gradtts.model import GradTTS
 from rlhf_tts.training.data import BucketedBatches, Vocabulary, load_utterances
 
-PRETRAIN_VERSION = 2  # 2: text-length buckets, utterance-length duration loss
+PRETRAIN_VERSION = 3  # 2: text-length buckets, utterance-length duration loss; 3: padding-invariant U-Net
 ProgressFn = Callable[..., None]
 
 
