@@ -29,6 +29,7 @@ from actors.learner import LearnerActor
 from actors.reward import RewardActor
 from actors.rollout import RolloutActor
 from rlhf_tts.config import RunConfig
+from rlhf_tts.errors import InputError
 from rlhf_tts.training.align import AlignedModel, aligned_model_location, history_row
 
 ProgressFn = Callable[..., None]
@@ -87,6 +88,33 @@ def bundles(cfg: RunConfig, gpus_available: bool) -> list[dict[str, float]]:
             + [bundle(d.rollout_num_cpus, d.rollout_num_gpus, d.rollout_resources)] * d.num_rollout_actors)
 
 
+def unplaceable(specs: list[dict[str, float]], strategy: str, nodes: list[dict[str, float]]) -> str | None:
+    """Why `specs` can never be placed on nodes with these total resources, or None.
+
+    Necessary conditions only (no false alarms): every bundle fits some node; STRICT_PACK: all of
+    them fit one node; STRICT_SPREAD: there are as many nodes as bundles; otherwise the cluster's
+    totals cover the sum.
+    """
+    def fits(need: dict[str, float], node: dict[str, float]) -> bool:
+        return all(node.get(k, 0.0) + 1e-9 >= v for k, v in need.items())
+
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for n in nodes for k in n}
+    for spec in specs:
+        if not any(fits(spec, n) for n in nodes):
+            return f"no node has the resources of bundle {spec} (nodes: {nodes})"
+    needed: dict[str, float] = {}
+    for spec in specs:
+        for k, v in spec.items():
+            needed[k] = needed.get(k, 0.0) + v
+    if strategy == "STRICT_PACK" and not any(fits(needed, n) for n in nodes):
+        return f"STRICT_PACK needs {needed} on one node (nodes: {nodes})"
+    if strategy == "STRICT_SPREAD" and len(nodes) < len(specs):
+        return f"STRICT_SPREAD needs {len(specs)} nodes, the cluster has {len(nodes)}"
+    if not fits(needed, total):
+        return f"the actors need {needed} in all, the cluster has {total}"
+    return None
+
+
 @dataclass
 class Actors:
     learner: ray.actor.ActorHandle
@@ -106,10 +134,26 @@ def start_actors(cfg: RunConfig, resume: bool, placement: tuple[object, int] | N
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     specs = bundles(cfg, gpus)
     if placement is None:
-        pg, first = placement_group(specs, strategy=cfg.distributed.placement_strategy), 0
+        strategy = cfg.distributed.placement_strategy
+        reason = unplaceable(specs, strategy, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if reason and not os.environ.get("RAY_ADDRESS"):
+            # A local instance gains no nodes: waiting would hang for nothing.
+            raise InputError(f"distributed: {reason}; lower distributed.*_num_cpus / *_num_gpus or "
+                             "num_rollout_actors, or start Ray with more resources")
+        if reason:  # a cluster may be autoscaling (KubeRay): say why it waits, then wait
+            print(f"waiting up to {cfg.distributed.placement_timeout_s:.0f} s for the cluster to grow: {reason}",
+                  flush=True)
+        pg, first = placement_group(specs, strategy=strategy), 0
+        try:
+            ray.get(pg.ready(), timeout=cfg.distributed.placement_timeout_s)
+        except GetTimeoutError:
+            remove_placement_group(pg)
+            raise InputError(f"distributed: the cluster did not grant the actors' placement group {specs} "
+                             f"({strategy}) within {cfg.distributed.placement_timeout_s:.0f} s; cluster has "
+                             f"{ray.cluster_resources()}") from None
     else:
         pg, first = placement
-    ray.get(pg.ready(), timeout=600)
+        ray.get(pg.ready(), timeout=cfg.distributed.placement_timeout_s)
     cfg_json = cfg.model_dump(mode="json")
 
     def at(i: int) -> PlacementGroupSchedulingStrategy:
@@ -164,7 +208,12 @@ def run_ray_alignment(
     if (location.final / "state.json").is_file():
         return location, json.loads((location.directory / "model.json").read_text())["aligned"]
     started_ray = connect(cfg)
-    actors = start_actors(cfg, resume, placement)
+    try:
+        actors = start_actors(cfg, resume, placement)
+    except BaseException:
+        if started_ray:
+            ray.shutdown()
+        raise
     ledger = TransportLedger()
     try:
         summary = _loop(cfg, actors, ledger, report, tracker, on_update)

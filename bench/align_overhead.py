@@ -33,7 +33,7 @@ def main() -> None:
 
     import ray
 
-    from actors.orchestrator import run_ray_alignment
+    from actors.orchestrator import connect, run_ray_alignment
     from actors.reward import RewardActor
     from rlhf_tts.config import load_config
     from rlhf_tts.rewards.base import ScoreRequest
@@ -50,19 +50,24 @@ def main() -> None:
     local_rate = local["pairs_produced"] / local["seconds"]
 
     shutil.rmtree(location.directory, ignore_errors=True)
-    ray.init(num_cpus=max(3, torch.get_num_threads()), include_dashboard=False)
+    connect(cfg)  # a local instance sized for the config's actors, as the main job starts it
     try:
         start = time.monotonic()
         _, remote = run_ray_alignment(cfg)
         ray_wall = time.monotonic() - start
         ray_pairs = remote["learner"]["pairs_produced"]
         ray_rate = ray_pairs / remote["seconds"]
+        # Consumed: pairs the learner trained on (the Ray loop also delivers pairs it drops as stale).
+        ray_consumed = remote["learner"]["pairs_consumed"] / remote["seconds"]
+        local_consumed = local["pairs_consumed"] / local["seconds"]
         print(f"in-process: {local['pairs_produced']} pairs in {local['seconds']:.1f} s = {local_rate:.2f} pairs/s "
               f"({local_wall:.1f} s with model loading)")
-        print(f"Ray loop:   {ray_pairs} pairs in {remote['seconds']:.1f} s = {ray_rate:.2f} pairs/s "
-              f"({ray_wall:.1f} s with Ray and actor start-up; reward batching "
+        print(f"Ray loop:   {ray_pairs} pairs in {remote['seconds']:.1f} s = {ray_rate:.2f} pairs/s, "
+              f"{remote['learner']['pairs_consumed']} trained on, {remote['learner']['pairs_dropped_stale']} dropped "
+              f"as stale ({ray_wall:.1f} s with Ray and actor start-up; reward batching "
               f"{remote['reward_batching']['mean_batch']:.1f} candidates/call)")
         print(f"RATIO Ray / in-process pairs/s: {ray_rate / local_rate:.2f} (target >= 0.8)")
+        print(f"ratio of pairs trained on per second: {ray_consumed / local_consumed:.2f}")
         print(f"ratio with start-up: {(ray_pairs / ray_wall) / (local['pairs_produced'] / local_wall):.2f}")
 
         g = torch.Generator().manual_seed(0)

@@ -7,45 +7,102 @@ For each stage in order, `python -m rlhf_tts.run preset=P stages=[S]` runs as a 
 earlier stages' caches are reused, as in a real run; the first stage starts from an empty cache,
 and `data` is also timed warm (cache reused). `--main-job` instead runs the main job exactly as a
 user does (`python -m rlhf_tts.run preset=P`, every stage) on an empty cache, then a second time
-with the caches. Peak memory is the largest sum of resident memory over the job's whole process
-tree (the job, its data workers, the Ray processes and actors), sampled every 0.2 s. MLflow is on,
-as in the default main job. The README's figures come from this script.
+with the caches. Peak memory is the largest sum over the job's whole process tree (the job, its
+data workers, the Ray processes and actors), sampled every second, of each process's PSS
+(proportional set size: a page shared by n processes, such as torch's libraries mapped into every
+Ray worker, counts 1/n in each) -- the memory the job takes from the machine; the sum of RSS, which
+counts shared pages once per process, is printed beside it. `--main-job` also prints each stage's
+wall time and peak, read from the stage headers in the job's log. MLflow is on, as in the default
+main job. The README's figures come from this script.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-def _tree_rss(process) -> int:  # noqa: ANN001 - psutil.Process
+def _pss_bytes(pid: int) -> int | None:
+    """PSS of `pid` from /proc/PID/smaps_rollup (one pre-summed record: cheap, unlike psutil's
+    full smaps walk, which cost a sixth of a core on this job's torch processes and slowed it)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _tree_memory(process) -> tuple[int, int]:  # noqa: ANN001 - psutil.Process
+    """(sum of RSS, sum of PSS) over the process tree. RSS counts a shared page (torch's libraries,
+    Ray's object store) once in every process that maps it; PSS splits it among them, so the PSS
+    sum is the memory the job takes from the machine (RSS where the kernel has no smaps_rollup)."""
     import psutil
 
-    total = 0
+    rss = pss = 0
     for p in [process, *process.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
+            resident = p.memory_info().rss
         except psutil.Error:  # exited between listing and reading
-            pass
-    return total
+            continue
+        rss += resident
+        proportional = _pss_bytes(p.pid)
+        pss += resident if proportional is None else proportional
+    return rss, pss
+
+
+_STAGE_HEADER = re.compile(r"─ stage (\w+) ─")
+
+
+def _current_stage(log: Path | None, offset: int, stage: str) -> tuple[int, str]:
+    """The last `stage NAME` header `python -m rlhf_tts.run` wrote to `log` (read from `offset` on)."""
+    if log is None or not log.is_file():
+        return offset, stage
+    with open(log, "rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode("utf-8", "replace")
+    found = _STAGE_HEADER.findall(text)
+    return offset + len(text.encode("utf-8")), found[-1] if found else stage
 
 
 def measure(cmd: list[str], log: Path | None = None) -> dict:
-    """Run `cmd`; wall time and the peak summed RSS of its process tree (Ray workers included)."""
+    """Run `cmd`; wall time and the peak summed RSS of its process tree (Ray workers included), overall
+    and per stage of the main job (attributed to the stage whose header the log shows last), and the
+    wall time of each stage."""
     import psutil
 
     started = time.monotonic()
+    stage, offset = "start-up", 0
+    peaks: dict[str, list[float]] = {}
+    stage_started: dict[str, float] = {stage: 0.0}
     with open(log or "/dev/null", "w") as sink:
         child = psutil.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
-        peak = 0
+        peak_rss = peak_pss = 0
         while child.poll() is None:
-            peak = max(peak, _tree_rss(child))
-            time.sleep(0.2)
-    result = {"rc": child.returncode, "seconds": time.monotonic() - started, "peak_rss_gib": peak / 2**30}
+            offset, now = _current_stage(log, offset, stage)
+            if now != stage:
+                stage = now
+                stage_started[stage] = time.monotonic() - started
+            rss, pss = _tree_memory(child)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            before = peaks.get(stage, [0.0, 0.0])
+            peaks[stage] = [max(before[0], pss / 2**30), max(before[1], rss / 2**30)]
+            time.sleep(1.0)  # sampling costs ~20 ms of CPU: keep it under 2 % of a core
+    elapsed = time.monotonic() - started
+    starts = sorted(stage_started.items(), key=lambda item: item[1])
+    seconds = {name: (starts[i + 1][1] if i + 1 < len(starts) else elapsed) - at for i, (name, at) in enumerate(starts)}
+    result = {"rc": child.returncode, "seconds": elapsed, "peak_pss_gib": peak_pss / 2**30,
+              "peak_rss_gib": peak_rss / 2**30,
+              "stages": {name: {"seconds": round(seconds[name], 1),
+                                "peak_pss_gib": round(peaks.get(name, [0.0, 0.0])[0], 2),
+                                "peak_rss_gib": round(peaks.get(name, [0.0, 0.0])[1], 2)} for name, _ in starts}}
     if result["rc"] != 0:
         raise SystemExit(f"command failed ({result['rc']}): {' '.join(cmd)}" + (f" (log {log})" if log else ""))
     return result
@@ -68,13 +125,18 @@ def main() -> None:
         for label in ("first run", "second run"):
             results[label] = measure(base, work / f"main_job_{label.split()[0]}.log")
             print(f"{args.preset} main job, {label}: {results[label]['seconds'] / 60:6.1f} min, "
-                  f"peak memory {results[label]['peak_rss_gib']:.2f} GiB (log {work / f'main_job_{label.split()[0]}.log'})",
+                  f"peak memory {results[label]['peak_pss_gib']:.2f} GiB (sum of PSS; sum of RSS "
+                  f"{results[label]['peak_rss_gib']:.2f} GiB) (log {work / f'main_job_{label.split()[0]}.log'})",
                   flush=True)
+            for name, figures in results[label]["stages"].items():
+                print(f"  {name:>9}: {figures['seconds']:7.1f} s, peak memory {figures['peak_pss_gib']:.2f} GiB "
+                      f"(RSS {figures['peak_rss_gib']:.2f})", flush=True)
         print(json.dumps(results))
         return
     for stage in args.stages:
         results[stage] = measure([*base, f"stages=[{stage}]"])
-        print(f"{args.preset} {stage:>9}: {results[stage]['seconds']:7.1f} s, peak RSS {results[stage]['peak_rss_gib']:.2f} GiB",
+        print(f"{args.preset} {stage:>9}: {results[stage]['seconds']:7.1f} s, peak memory "
+              f"{results[stage]['peak_pss_gib']:.2f} GiB (sum of PSS; sum of RSS {results[stage]['peak_rss_gib']:.2f} GiB)",
               flush=True)
         if stage == "data":
             warm = measure([*base, "stages=[data]"])

@@ -98,3 +98,38 @@ def test_killing_rollout_reward_and_learner_actors_mid_run(prepared):
     assert learner["rollouts_duplicate"] == 0
     # the learner resumed from its checkpoint at update 6: update 7 was rolled back and redone with new data
     assert t["rolled_back"] + t["lost_in_learner"] >= 1
+
+
+def test_unplaceable_names_what_cannot_be_placed():
+    from actors.orchestrator import unplaceable
+
+    two_nodes = [{"CPU": 2.0}, {"CPU": 2.0, "GPU": 1.0}]
+    assert unplaceable([{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 2.0}], "PACK", two_nodes) is None
+    assert "bundle {'CPU': 3.0}" in unplaceable([{"CPU": 3.0}], "PACK", two_nodes)
+    assert "in all" in unplaceable([{"CPU": 2.0}] * 3, "PACK", two_nodes)
+    assert "STRICT_PACK" in unplaceable([{"CPU": 1.0}] * 3, "STRICT_PACK", two_nodes)
+    assert "3 nodes" in unplaceable([{"CPU": 0.5}] * 3, "STRICT_SPREAD", two_nodes)
+    assert unplaceable([{"CPU": 1.0, "GPU": 0.5}] * 2, "PACK", two_nodes) is None
+    assert "GPU" in unplaceable([{"CPU": 1.0, "GPU": 1.0}] * 2, "PACK", two_nodes)
+    assert "rollout_node" in unplaceable([{"CPU": 1.0, "rollout_node": 1.0}], "PACK", two_nodes)
+
+
+def test_a_local_instance_too_small_for_the_actors_fails_at_once(prepared):
+    """The module's instance has 3 CPUs; learner 1 + reward 1 + rollout 2 cannot fit. It used to wait
+    (10 minutes) on a placement group that could never be granted; now it says why, at once."""
+    import time
+
+    from actors.orchestrator import run_ray_alignment
+    from rlhf_tts.errors import InputError
+
+    from rlhf_tts.training.align import aligned_model_location
+
+    cfg = _cfg(prepared, "distributed.rollout_num_cpus=2", "distributed.reward_num_cpus=1",
+               "distributed.learner_num_cpus=1")
+    shutil.rmtree(aligned_model_location(cfg).directory, ignore_errors=True)  # else the cached model returns at once
+    started = time.monotonic()
+    with pytest.raises(InputError, match="need .*CPU.* 4.0"):
+        run_ray_alignment(cfg)
+    assert time.monotonic() - started < 30
+    assert not ray.util.placement_group_table() or all(
+        g["state"] == "REMOVED" for g in ray.util.placement_group_table().values())
