@@ -7,13 +7,13 @@ For each stage in order, `python -m rlhf_tts.run preset=P stages=[S]` runs as a 
 earlier stages' caches are reused, as in a real run; the first stage starts from an empty cache,
 and `data` is also timed warm (cache reused). `--main-job` instead runs the main job exactly as a
 user does (`python -m rlhf_tts.run preset=P`, every stage) on an empty cache, then a second time
-with the caches. Peak memory is the largest sum over the job's whole process tree (the job, its
-data workers, the Ray processes and actors), sampled every second, of each process's PSS
+with the caches. Peak memory: the largest sum over the job's whole process tree (the job, its data
+workers, the Ray processes and actors) of each process's RSS, sampled every 0.5 s, and of its PSS
 (proportional set size: a page shared by n processes, such as torch's libraries mapped into every
-Ray worker, counts 1/n in each) -- the memory the job takes from the machine; the sum of RSS, which
-counts shared pages once per process, is printed beside it. `--main-job` also prints each stage's
-wall time and peak, read from the stage headers in the job's log. MLflow is on, as in the default
-main job. The README's figures come from this script.
+Ray worker, counts 1/n in each; the memory the job takes from the machine), sampled every 10 s
+because reading it stalls the process read. `--main-job` also prints each stage's wall time and
+peaks, read from the stage headers in the job's log. MLflow is on, as in the default main job. The
+README's figures come from this script.
 """
 
 from __future__ import annotations
@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 def _pss_bytes(pid: int) -> int | None:
-    """PSS of `pid` from /proc/PID/smaps_rollup (one pre-summed record: cheap, unlike psutil's
-    full smaps walk, which cost a sixth of a core on this job's torch processes and slowed it)."""
+    """PSS of `pid` from /proc/PID/smaps_rollup, or None where the kernel has none."""
     try:
         with open(f"/proc/{pid}/smaps_rollup") as handle:
             for line in handle:
@@ -40,10 +39,12 @@ def _pss_bytes(pid: int) -> int | None:
     return None
 
 
-def _tree_memory(process) -> tuple[int, int]:  # noqa: ANN001 - psutil.Process
-    """(sum of RSS, sum of PSS) over the process tree. RSS counts a shared page (torch's libraries,
-    Ray's object store) once in every process that maps it; PSS splits it among them, so the PSS
-    sum is the memory the job takes from the machine (RSS where the kernel has no smaps_rollup)."""
+def _tree_memory(process, with_pss: bool) -> tuple[int, int | None]:  # noqa: ANN001 - psutil.Process
+    """(sum of RSS, sum of PSS or None) over the process tree. RSS counts a shared page (torch's
+    libraries, Ray's object store) once in every process that maps it; PSS splits it among them, so
+    the PSS sum is the memory the job takes from the machine. PSS is costly to read: the kernel walks
+    the process's page tables under its memory-map lock, which stalls a torch process's allocations
+    (read every 0.2-1 s it slowed pretraining by a quarter), so it is read only when asked."""
     import psutil
 
     rss = pss = 0
@@ -53,11 +54,13 @@ def _tree_memory(process) -> tuple[int, int]:  # noqa: ANN001 - psutil.Process
         except psutil.Error:  # exited between listing and reading
             continue
         rss += resident
-        proportional = _pss_bytes(p.pid)
-        pss += resident if proportional is None else proportional
-    return rss, pss
+        if with_pss:
+            proportional = _pss_bytes(p.pid)
+            pss += resident if proportional is None else proportional
+    return rss, pss if with_pss else None
 
 
+PSS_EVERY = 20  # PSS every 20th sample (10 s), RSS every 0.5 s
 _STAGE_HEADER = re.compile(r"─ stage (\w+) ─")
 
 
@@ -73,9 +76,9 @@ def _current_stage(log: Path | None, offset: int, stage: str) -> tuple[int, str]
 
 
 def measure(cmd: list[str], log: Path | None = None) -> dict:
-    """Run `cmd`; wall time and the peak summed RSS of its process tree (Ray workers included), overall
-    and per stage of the main job (attributed to the stage whose header the log shows last), and the
-    wall time of each stage."""
+    """Run `cmd`; wall time and the peak summed RSS and PSS of its process tree (Ray workers included),
+    overall and per stage of the main job (the stage whose header the log shows last), and the wall
+    time of each stage."""
     import psutil
 
     started = time.monotonic()
@@ -84,17 +87,21 @@ def measure(cmd: list[str], log: Path | None = None) -> dict:
     stage_started: dict[str, float] = {stage: 0.0}
     with open(log or "/dev/null", "w") as sink:
         child = psutil.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
-        peak_rss = peak_pss = 0
+        peak_rss = peak_pss = samples = 0
         while child.poll() is None:
             offset, now = _current_stage(log, offset, stage)
             if now != stage:
                 stage = now
                 stage_started[stage] = time.monotonic() - started
-            rss, pss = _tree_memory(child)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            samples += 1
+            rss, pss = _tree_memory(child, with_pss=samples % PSS_EVERY == 0)
+            peak_rss = max(peak_rss, rss)
             before = peaks.get(stage, [0.0, 0.0])
-            peaks[stage] = [max(before[0], pss / 2**30), max(before[1], rss / 2**30)]
-            time.sleep(1.0)  # sampling costs ~20 ms of CPU: keep it under 2 % of a core
+            peaks[stage] = [before[0], max(before[1], rss / 2**30)]
+            if pss is not None:
+                peak_pss = max(peak_pss, pss)
+                peaks[stage][0] = max(before[0], pss / 2**30)
+            time.sleep(0.5)
     elapsed = time.monotonic() - started
     starts = sorted(stage_started.items(), key=lambda item: item[1])
     seconds = {name: (starts[i + 1][1] if i + 1 < len(starts) else elapsed) - at for i, (name, at) in enumerate(starts)}
