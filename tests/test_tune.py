@@ -162,12 +162,13 @@ def test_trial_placement_group_is_sized_from_the_trial_config(tmp_path):
                                  "tune: {trial_cpus: 0.5}\n")
     space = load_space(path, ["distributed.placement_strategy=SPREAD",
                               "distributed.rollout_resources={rollout_node: 1}",
-                              "distributed.learner_num_gpus=1", "distributed.rollout_num_gpus=0.25"])
+                              "distributed.learner_num_gpus=1", "distributed.rollout_num_gpus=0.25",
+                              "distributed.rollout_num_cpus=1.5"])
     factory = trial_resources(space, gpus=True)({"distributed.num_rollout_actors": 3})
     assert factory.strategy == "SPREAD"
     trial, learner, reward, *rollouts = factory.bundles
     assert trial == {"CPU": 0.5} and learner == {"CPU": 1.0, "GPU": 1.0} and reward == {"CPU": 1.0}
-    assert rollouts == [{"CPU": 1.0, "GPU": 0.25, "rollout_node": 1.0}] * 3
+    assert rollouts == [{"CPU": 1.5, "GPU": 0.25, "rollout_node": 1.0}] * 3
     without_gpus = trial_resources(space, gpus=False)({"distributed.num_rollout_actors": 1})
     assert all("GPU" not in b for b in without_gpus.bundles) and len(without_gpus.bundles) == 4
 
