@@ -33,7 +33,7 @@ def masked_group_norm(x: Tensor, mask: Tensor, norm: nn.GroupNorm) -> Tensor:
 
     Plain GroupNorm averages over padded frames too, so an utterance padded in a batch was
     normalised differently from the same utterance alone: the network is trained on unpadded
-    crops, and at inference (padded batches) its score was wrong (x-prediction loss 30x the
+    crops, and at inference (padded batches) its score was wrong (denoising loss ~30x the
     crop loss at t >= 0.6, and samples diverged). With masked statistics an item's score does not
     depend on what it is batched with (tested); without padding this equals `norm(x)`.
     """
@@ -86,7 +86,7 @@ class LinearAttention(nn.Module):
         """`mask` (B, 1, 1, T): padded frames are neither attended to nor averaged into the context."""
         b, _, h, w = x.shape
         q, k, v = self.to_qkv(x).reshape(b, 3, self.heads, -1, h * w).unbind(1)
-        if mask is not None:
+        if mask is not None and bool(mask.min() <= 0):  # unpadded (training crops): nothing to mask
             keep = mask.expand(b, 1, h, w).reshape(b, 1, 1, h * w) > 0
             k = k.masked_fill(~keep, float("-inf"))
             v = v * keep
