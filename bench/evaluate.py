@@ -1,6 +1,7 @@
 """Seconds per system of the comparison report, as a user runs it.
 
     python bench/evaluate.py [--preset tiny] [--work DIR] [--max-utts N] [-- key=value ...]
+    python bench/evaluate.py --synthesis-batch 1 4 8 [--max-utts N] [-- key=value ...]
 
 Runs `python -m rlhf_tts.evaluate --degraded --no-aligned evaluate.include_recordings=false` (ground-truth
 resynthesis, the config's base model, the deliberately degraded system) on the preset's test split
@@ -11,6 +12,10 @@ machine's CPU count and its load average before and after, so that figures taken
 say so. CPU seconds are printed next to wall seconds; the verdict is taken on wall seconds,
 and only a run on a quiet machine (load average below the CPU count before and after) counts.
 The issue's budget is 5 minutes per system on the tiny test split on 2 cores.
+
+`--synthesis-batch B ...` instead times the base model's synthesis alone (no vocoder, no judges) on
+the same utterances at each batch size, in this process, and prints seconds per utterance and the
+ratio to the first size: the measurement behind `evaluate.synthesis_batch`'s CPU default.
 """
 
 from __future__ import annotations
@@ -32,8 +37,12 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--work", help="output folder (default: a new temporary folder)")
     parser.add_argument("--max-utts", type=int, default=0, help="0: the whole test split")
+    parser.add_argument("--synthesis-batch", type=int, nargs="+", help="time base-model synthesis at these batch sizes")
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides")
     args = parser.parse_args()
+    if args.synthesis_batch:
+        time_synthesis(args.preset, args.synthesis_batch, args.max_utts or 64, args.overrides)
+        return
     work = Path(args.work or tempfile.mkdtemp(prefix="rlhf_tts_bench_eval_"))
     cmd = [sys.executable, "-m", "rlhf_tts.evaluate", "--degraded", "--no-aligned", f"preset={args.preset}",
            f"output_dir={work}", "evaluate.include_recordings=false", f"evaluate.max_utts={args.max_utts}",
@@ -63,6 +72,34 @@ def main() -> None:
     print(f"  {'set-up (judges, references)':<26} {info['judges_setup_seconds'] + info['reference_seconds']:7.1f} s")
     print(f"  {'whole command':<26} {wall:7.1f} s (includes start-up and the report files)")
     print(f"report: {work / 'evaluate' / 'report.md'}")
+
+
+def time_synthesis(preset: str, batches: list[int], max_utts: int, overrides: list[str]) -> None:
+    """Seconds per utterance of the base model's synthesis (evaluate.* sampler settings) per batch size."""
+    import torch
+
+    from rlhf_tts.config import load_config
+    from rlhf_tts.data.pipeline import dataset_location
+    from rlhf_tts.eval.corpus import load_split
+    from rlhf_tts.eval.systems import synthesize_utterances
+    from rlhf_tts.training.pretrain import base_model_location
+
+    cfg = load_config(None, [f"preset={preset}", "tracking.enabled=false", *overrides])
+    dataset, _ = dataset_location(cfg)
+    utterances = load_split(dataset, cfg.evaluate.split, max_utts, cfg.features)
+    model, vocab, _ = base_model_location(cfg).load("cpu")
+    if cfg.evaluate.threads:
+        torch.set_num_threads(cfg.evaluate.threads)
+    first = None
+    print(f"{preset} {cfg.evaluate.split} split, {len(utterances)} utterances, {cfg.evaluate.sampler_steps} ODE steps, "
+          f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f}")
+    for batch in batches:
+        ev = cfg.evaluate.model_copy(update={"synthesis_batch": batch})
+        start = time.perf_counter()
+        synthesize_utterances(model, vocab, utterances, ev, cfg.features, "cpu")
+        per_utt = (time.perf_counter() - start) / len(utterances)
+        first = first or per_utt
+        print(f"  batch {batch:>3}: {per_utt:.3f} s/utterance ({per_utt / first:.2f} x batch {batches[0]})", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     python bench/stages.py [--preset tiny] [--stages data pretrain] [--work DIR] [--separability]
     python bench/stages.py --main-job [--preset tiny] [--work DIR]
+    python bench/stages.py --stages align evaluate --work DIR [key=value ...]   # reuse DIR's earlier caches
 
 For each stage in order, `python -m rlhf_tts.run preset=P stages=[S]` runs as a child process;
 earlier stages' caches are reused, as in a real run; the first stage starts from an empty cache,
@@ -123,10 +124,11 @@ def main() -> None:
     parser.add_argument("--separability", action="store_true", help="also time the prosodic separability check")
     parser.add_argument("--main-job", action="store_true",
                         help="time the whole main job (every stage) cold, then again with its caches")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="rlhf_tts_bench_"))
     base = [sys.executable, "-m", "rlhf_tts.run", f"preset={args.preset}", f"output_dir={work / 'out'}",
-            f"cache_dir={work / 'cache'}"]
+            f"cache_dir={work / 'cache'}", *args.overrides]
     results = {}
     if args.main_job:
         for label in ("first run", "second run"):

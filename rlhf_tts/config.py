@@ -328,6 +328,11 @@ class AlignConfig(_Strict):
     checkpoint_every: int = Field(20, ge=1)
     log_every: int = Field(5, ge=1)
     split: Literal["train", "val", "test"] = Field("train", description="where rollout prompts come from")
+    seed: int | None = Field(None, description="alignment seed (prompt order, rollout noise, learner crops); None: "
+                             "the run's `seed`. A second alignment seed reuses the corpus and every model before it")
+    reward: Literal["score", "log_softmax"] = Field(
+        "score", description="score: EASPM's S(c, x, t) for the target prompt (the paper); log_softmax: its log-"
+        "probability among the emotions' prompts (a shift that raises every prompt's score earns nothing)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N (learner and in-process loop)")
 
     @model_validator(mode="after")
@@ -391,8 +396,9 @@ class EvaluateConfig(_Strict):
         "predicted", description="predicted: the model's own durations (real TTS, default); ground_truth: MAS of "
         "the reference (frame-aligned, so duration error is zero by construction)")
     synthesis_batch: int = Field(
-        4, ge=1, description="utterances per synthesis and vocoder batch (on CPU small batches are faster: padded "
-        "frames cost attention; measured 0.74 s/utt at 4 vs 1.35 at 16 with one thread)")
+        0, ge=0, description="utterances per model synthesis batch; 0 = auto: 1 on CPU (one unpadded utterance at a time costs "
+        "less per utterance there than a padded batch: bench/evaluate.py --synthesis-batch), 16 on CUDA")
+    vocoder_batch: int = Field(4, ge=1, description="mels per vocoder batch (length-bucketed)")
     vocoder: Literal["griffin_lim", "hifigan"] = Field(
         "griffin_lim", description="the one vocoder every mel goes through (ground truth and models alike)")
     hifigan: str | None = Field(None, description="HiFi-GAN checkpoint when vocoder=hifigan")
@@ -410,6 +416,9 @@ class EvaluateConfig(_Strict):
     examples_per_emotion: int = Field(1, ge=0, description="utterances per emotion logged as audio and plotted")
     systems: dict[str, str] = Field(
         default_factory=dict, description="extra named systems: NAME: base-model dir or folder of <utt_id>.wav")
+    reuse_rows: bool = Field(
+        True, description="reuse a system's cached row (same model weights, judges, utterances and settings) under "
+        "<cache_dir>/evaluate/systems/: a new aligned model costs only its own row")
     seed: int = Field(0, description="sampling noise and bootstrap seed")
     threads: int = Field(
         0, ge=0, description="torch CPU threads for synthesis and vocoding (0 = all cores: on a free 2-core machine "

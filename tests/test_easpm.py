@@ -79,6 +79,25 @@ def test_score_ignores_padding_and_batch_composition():
     assert torch.allclose(reward.score(explicit).scores, reward.score(r1).scores, atol=1e-6)
 
 
+def test_log_softmax_reward_is_the_target_emotions_log_probability_and_ignores_a_shift_of_every_prompt():
+    model = _model().eval()
+    states, mask = _states([20, 30, 25])
+    t = torch.tensor([0.1, 0.5, 0.7])
+    request = ScoreRequest(states, mask, t, torch.tensor([0, 3, 4]))
+    raw = EASPMReward(model).score(request).scores
+    logp = EASPMReward(model, form="log_softmax").score(request).scores
+    with torch.no_grad():
+        logits = model.logits(model.embed_audio(states, mask, t), model.embed_prompts(model.default_prompts()))
+    expected = logits.log_softmax(1)[torch.arange(3), request.emotion]
+    assert torch.allclose(logp, expected, atol=1e-5) and torch.allclose(raw, logits[torch.arange(3), request.emotion], atol=1e-5)
+    # one state scored for each of the five emotions: probabilities that sum to one
+    every = ScoreRequest(states[:1].expand(5, -1, -1), mask[:1].expand(5, -1, -1), t[:1].expand(5), torch.arange(5))
+    probabilities = EASPMReward(model, form="log_softmax").score(every).scores.exp()
+    assert abs(float(probabilities.sum()) - 1.0) < 1e-5
+    with pytest.raises(ValueError, match="form"):
+        EASPMReward(model, form="probability")
+
+
 def test_prompt_tokenizer_accepts_free_text():
     tokenizer = PromptTokenizer(prompt_vocabulary())
     assert tokenizer.ids("A HAPPY voice!") == tokenizer.ids("a happy voice")
@@ -313,6 +332,29 @@ def test_stage_writes_checkpoint_curve_and_resumes_exactly(smoke_base, tmp_path)
     again = Recorder()
     _, cached = train_easpm(cfg_a, tracker=again)
     assert cached["pair_accuracy"] == curve["pair_accuracy"] and not again.metrics
+
+
+
+@pytest.mark.slow
+def test_reward_view_reports_easpm_along_each_models_sampling_path(smoke_base, tmp_path, capsys):
+    from rlhf_tts.eval.reward_view import main
+    from rlhf_tts.training.easpm import run_easpm_stage
+    from rlhf_tts.training.pretrain import base_model_location
+
+    cfg = _cfg(smoke_base, tmp_path)
+    run_easpm_stage(cfg, Console(file=io.StringIO()), Recorder())
+    base = str(base_model_location(cfg).directory)
+    args = [f"output_dir={cfg.output_dir}", f"cache_dir={cfg.cache_dir}", "preset=smoke", "tracking.enabled=false"]
+    assert main(["--model", f"base={base}", "--model", f"again={base}", "--split", "train", "--max-utts", "6",
+                 "--steps", "4", *args]) == 0
+    result = json.loads((Path(cfg.output_dir) / "reward_view.json").read_text())
+    views = result["models"]
+    assert list(views["base"]["by_t"]) == ["1.00", "0.75", "0.50", "0.25", "0.00"]
+    assert views["base"]["by_t"] == views["again"]["by_t"]  # same weights, same seed: the same path
+    for row in views["base"]["by_t"].values():
+        assert row["n"] == 6 and 0.0 <= row["accuracy"] <= 1.0 and row["log_prob"] <= 0.0
+    assert "base: accuracy" in capsys.readouterr().out
+    assert main(["--model", f"bad={tmp_path}", *args]) == 2  # not a model folder: one-line error
 
 
 def test_x0_hat_input_scores_the_base_models_clean_estimate():

@@ -279,3 +279,92 @@ def test_tune_metric_scores_a_policy_with_the_judge(judged):
     assert -1 <= metrics["emo_sim"] <= 1 and 0 <= metrics["emotion_recall"] <= 1
     assert policy.training  # left as it was found
     assert policy_emotion_metrics(cfg, policy, vocab, 5) == metrics  # fixed seed: trials compare
+
+
+# ----------------------------------------------------------------------------- per-system row cache
+
+
+def test_system_cache_round_trips_a_row_and_keys_on_context_place_and_system(tmp_path):
+    from rlhf_tts.eval.system_cache import CachedRow, SystemCache
+
+    class Cacheable:
+        name = "base model"
+
+        def __init__(self, key):
+            self.key = key
+
+        def cache_key(self):
+            return self.key
+
+    class Folder:  # no cache_key: never cached
+        name = "wavs"
+
+    cache = SystemCache(tmp_path, "context-a")
+    audio, mel, f0 = np.arange(5, dtype=np.float32), np.ones((2, 3), np.float32), np.array([0.0, 110.0])
+    row = CachedRow({"name": "base model", "n": 2}, [{"utt_id": "u0", "emo_sim": np.float32(0.5)}],
+                    {"u0": (audio, mel, f0), "u1": (audio, None, None)})
+    key = cache.key(Cacheable("weights-1"), 2)
+    assert cache.load(key) is None
+    cache.save(key, row)
+    back = cache.load(key)
+    assert back.result == row.result and back.rows == [{"utt_id": "u0", "emo_sim": 0.5}]
+    assert np.array_equal(back.examples["u0"][0], audio) and np.array_equal(back.examples["u0"][1], mel)
+    assert back.examples["u1"][1] is None and back.examples["u1"][2] is None
+    # anything the row depends on gives another key: the context, the place in the line-up, the system
+    assert cache.key(Cacheable("weights-2"), 2) != key
+    assert cache.key(Cacheable("weights-1"), 3) != key
+    assert SystemCache(tmp_path, "context-b").key(Cacheable("weights-1"), 2) != key
+    assert cache.key(Folder(), 0) is None and cache.key(Cacheable(None), 0) is None
+    (tmp_path / key / "row.json").write_text("{truncated")
+    assert cache.load(key) is None  # unreadable: produced again, never an error
+
+
+def test_a_model_systems_cache_key_changes_when_its_weights_are_saved_again(tmp_path):
+    import os
+    import time
+
+    from rlhf_tts.eval.system_cache import file_identity
+
+    weights = tmp_path / "tensors.safetensors"
+    weights.write_bytes(b"a" * 10)
+    first = file_identity(weights)
+    time.sleep(0.01)
+    weights.write_bytes(b"b" * 10)
+    os.utime(weights, ns=(first[2] + 1_000_000, first[2] + 1_000_000))
+    assert file_identity(weights) != first and file_identity(tmp_path / "missing") is None
+
+
+@pytest.mark.slow
+def test_a_cached_row_is_neither_produced_nor_judged_again_and_reads_back_the_same(judged, tmp_path):
+    from rlhf_tts.data.pipeline import dataset_location
+    from rlhf_tts.eval.corpus import load_split
+    from rlhf_tts.eval.judges_stage import load_judges
+    from rlhf_tts.eval.report import evaluate_systems
+    from rlhf_tts.eval.system_cache import SystemCache
+    from rlhf_tts.eval.systems import RecordingsSystem
+
+    class CountingRecordings(RecordingsSystem):
+        runs = 0
+
+        def run(self, utterances, progress=None):  # noqa: ANN001, ANN201
+            CountingRecordings.runs += 1
+            return super().run(utterances, progress)
+
+    cfg = judged[0]
+    judges = load_judges(cfg, asr=False, dnsmos=False, build=False)
+    dataset, _ = dataset_location(cfg)
+    utterances = load_split(dataset, "train", None, cfg.features)[::4]
+    cache = SystemCache(tmp_path / "rows", "ctx")
+    first = evaluate_systems([CountingRecordings(cfg.features)], utterances, judges, split="train", resamples=50,
+                             out_dir=tmp_path / "one", cache=cache)
+    second = evaluate_systems([CountingRecordings(cfg.features)], utterances, judges, split="train", resamples=50,
+                              out_dir=tmp_path / "two", cache=cache)
+    assert CountingRecordings.runs == 1 and second.info["reused_rows"] == ["recordings"]
+    assert second.systems[0].to_json() == first.systems[0].to_json()
+    assert (tmp_path / "two" / "per_utterance.csv").read_text() == (tmp_path / "one" / "per_utterance.csv").read_text()
+    assert sorted(p.name for p in (tmp_path / "two" / "plots").iterdir()) == \
+        sorted(p.name for p in (tmp_path / "one" / "plots").iterdir())
+    assert len(list((tmp_path / "two" / "examples").rglob("*.wav"))) == len(list((tmp_path / "one" / "examples").rglob("*.wav")))
+    evaluate_systems([CountingRecordings(cfg.features)], utterances, judges, split="train", resamples=50,
+                     cache=SystemCache(tmp_path / "rows", "other judges"))
+    assert CountingRecordings.runs == 2

@@ -50,7 +50,7 @@ def plan_systems(cfg: RunConfig, pool: list, *, base: Literal["auto", "require",
         raise InputError(str(err)) from None
     device = resolve_device(ev.device)
     vocoder = vocoder.to(device) if isinstance(vocoder, torch.nn.Module) else vocoder
-    systems: list = [ResynthesisSystem(cfg.features, vocoder, ev.synthesis_batch)]
+    systems: list = [ResynthesisSystem(cfg.features, vocoder, ev.vocoder_batch)]
     if ev.include_recordings:
         systems.append(RecordingsSystem(cfg.features))
     if base != "skip":
@@ -75,7 +75,7 @@ def plan_systems(cfg: RunConfig, pool: list, *, base: Literal["auto", "require",
         names.add(name)
     if ev.degraded if degraded is None else degraded:
         systems.append(DegradedSystem(cfg.features, vocoder, pool, ev.degraded_wrong_emotion, ev.degraded_snr_db,
-                                      ev.seed, ev.synthesis_batch, DEGRADED))
+                                      ev.seed, ev.vocoder_batch, DEGRADED))
     return systems
 
 
@@ -126,10 +126,26 @@ def _run_evaluation(cfg: RunConfig, progress, tracker, base, aligned, extra, deg
             "notes": notes}
     report = evaluate_systems(systems, utterances, judges, split=ev.split, resamples=ev.bootstrap,
                               confidence=ev.confidence, seed=ev.seed, examples_per_emotion=ev.examples_per_emotion,
-                              out_dir=folder, progress=progress, info=info)
+                              out_dir=folder, progress=progress, info=info,
+                              cache=system_cache(cfg, utterances) if ev.reuse_rows else None)
     if tracker is not None:
         report.log(tracker, folder)
     return report, folder, notes
+
+
+def system_cache(cfg: RunConfig, utterances: list) -> "SystemCache":  # noqa: F821
+    """The per-system row cache for this config's judges, utterances and `evaluate.*` settings."""
+    from rlhf_tts.config import stable_hash
+    from rlhf_tts.data.pipeline import dataset_location
+    from rlhf_tts.eval.judges_stage import checks_key
+    from rlhf_tts.eval.system_cache import SystemCache
+
+    dataset, _ = dataset_location(cfg)
+    settings = cfg.evaluate.model_dump(mode="json", exclude={"systems", "degraded", "include_recordings", "threads",
+                                                              "max_utts", "reuse_rows"})
+    context = stable_hash(dataset.directory.name, checks_key(cfg), cfg.judges.model_dump(mode="json"), settings,
+                          cfg.features.model_dump(mode="json"), [u.utt_id for u in utterances])
+    return SystemCache(Path(cfg.cache_dir) / "evaluate" / "systems", context)
 
 
 def print_wide(console, renderable, width: int = 200) -> None:  # noqa: ANN001
@@ -150,6 +166,9 @@ def print_report(console, report, folder: Path, notes: list[str]) -> None:  # no
     print_wide(console, report.table())
     for note in notes:
         console.print(f"note: {note}")
+    reused = report.info.get("reused_rows") or []
+    if reused:
+        console.print(f"rows reused from the evaluation cache: {', '.join(reused)}")
     console.print("seconds per system (produce + judge): "
                   + ", ".join(f"{s.name} {s.seconds:.1f}" for s in report.systems)
                   + f"; references {report.info.get('reference_seconds', 0):.1f}")

@@ -29,7 +29,8 @@ import numpy as np
 
 from rlhf_tts.eval.corpus import EvalUtterance
 from rlhf_tts.eval.metrics import Estimate, bootstrap_weights, confusion_matrix, estimate, subset
-from rlhf_tts.eval.scoring import METRICS, Judges, compute_references, score_outputs
+from rlhf_tts.eval.scoring import METRICS, Judges, References, compute_references, score_outputs
+from rlhf_tts.eval.system_cache import CachedRow, SystemCache
 
 ProgressFn = Callable[..., None]
 
@@ -264,8 +265,11 @@ def system_result(system, scores, emotions: list[str], seconds: float, timing: d
 def evaluate_systems(systems: Sequence, utterances: Sequence[EvalUtterance], judges: Judges, *, split: str,  # noqa: C901
                      resamples: int = 1000, confidence: float = 0.95, seed: int = 0, examples_per_emotion: int = 1,
                      out_dir: str | Path | None = None, progress: ProgressFn | None = None,
-                     info: dict | None = None) -> Report:
-    """Run and judge every system on `utterances`; write the report files to `out_dir` when given."""
+                     info: dict | None = None, cache: SystemCache | None = None) -> Report:
+    """Run and judge every system on `utterances`; write the report files to `out_dir` when given.
+
+    With a `cache`, a system whose row is cached is neither run nor judged (its row, per-utterance
+    judgements and examples are read back), and every newly judged cacheable row is stored."""
     import soundfile as sf
 
     if not utterances:
@@ -275,13 +279,27 @@ def evaluate_systems(systems: Sequence, utterances: Sequence[EvalUtterance], jud
     emotions = list(judges.emotion.emotions)  # type: ignore[attr-defined]
     features = judges.emotion.features  # type: ignore[attr-defined]
     started = time.monotonic()
-    refs = compute_references(utterances, judges, progress)
-    reference_seconds = time.monotonic() - started
+    refs: References | None = None  # computed when the first system has to be judged
+    reference_seconds = 0.0
     examples = choose_examples(utterances, examples_per_emotion)
     kept: dict[str, dict[str, tuple]] = {}  # utt_id → system → (audio, mel, f0)
     results = []
     all_rows: list[dict] = []
+    reused: list[str] = []
     for number, system in enumerate(systems):
+        key = cache.key(system, number) if cache is not None else None
+        cached = cache.load(key) if cache is not None else None
+        if cached is not None:
+            results.append(SystemResult.from_json(cached.result))
+            all_rows += cached.rows
+            for utt_id, example in cached.examples.items():
+                kept.setdefault(utt_id, {})[system.name] = example
+            reused.append(system.name)
+            continue
+        if refs is None:
+            t_ref = time.monotonic()
+            refs = compute_references(utterances, judges, progress)
+            reference_seconds = time.monotonic() - t_ref
         t0, c0 = time.monotonic(), time.process_time()
         run = system.run(utterances, progress)
         t1, c1, m1 = time.monotonic(), time.process_time(), time.thread_time()
@@ -296,17 +314,22 @@ def evaluate_systems(systems: Sequence, utterances: Sequence[EvalUtterance], jud
         # cpu_produce + max(cpu_judge_main, cpu_judge - cpu_judge_main), and at most cpu_produce + cpu_judge.
         timing = {"produce": t1 - t0, "judge": t2 - t1, "cpu_produce": c1 - c0, "cpu_judge": c2 - c1,
                   "cpu_judge_main": m2 - m1}
-        results.append(system_result(system, scores, emotions, t2 - t0, timing, run.missing, resamples, confidence,
-                                     seed + 1000 * number))
-        for row in scores.rows():
-            all_rows.append({"system": system.name, **row, "predicted": emotions[row["predicted"]]})
+        result = system_result(system, scores, emotions, t2 - t0, timing, run.missing, resamples, confidence,
+                               seed + 1000 * number)
+        results.append(result)
+        rows = [{"system": system.name, **row, "predicted": emotions[row["predicted"]]} for row in scores.rows()]
+        all_rows += rows
+        mine: dict[str, tuple] = {}
         for utt_id in examples:
             if utt_id in run.outputs:
                 out = run.outputs[utt_id]
-                kept.setdefault(utt_id, {})[system.name] = (out.audio, out.mel, scores.f0.get(utt_id))
+                mine[utt_id] = (out.audio, out.mel, scores.f0.get(utt_id))
+                kept.setdefault(utt_id, {})[system.name] = mine[utt_id]
+        if cache is not None:
+            cache.save(key, CachedRow(result.to_json(), rows, mine))
     report = Report(split, len(utterances), emotions, confidence, resamples, results,
                     {**(info or {}), "reference_seconds": round(reference_seconds, 2),
-                     "total_seconds": round(time.monotonic() - started, 2)})
+                     "total_seconds": round(time.monotonic() - started, 2), "reused_rows": reused})
     if out_dir is not None:
         folder = Path(out_dir)
         report.write(folder)
@@ -329,6 +352,12 @@ def evaluate_systems(systems: Sequence, utterances: Sequence[EvalUtterance], jud
         confusion_figure([(s.name, np.array(s.confusion)) for s in results], emotions, folder / "plots" / "confusion.png")
         for utt_id, outputs in kept.items():
             utt = by_id[utt_id]
-            reference_f0 = refs.contours[refs.index()[utt_id]].f0_hz
+            if refs is not None:
+                reference_f0 = refs.contours[refs.index()[utt_id]].f0_hz
+            else:  # every row came from the cache: contour just the plotted recordings
+                from rlhf_tts.eval.prosody import contours
+                from rlhf_tts.eval.systems import load_recording
+
+                reference_f0 = contours(load_recording(utt, features.sample_rate), features, log_mel=utt.mel).f0_hz
             systems_figure(utt, outputs, reference_f0, features, folder / "plots" / f"{utt.emotion}_{utt_id}.png")
     return report

@@ -92,6 +92,27 @@ def vocode(mels: Sequence[np.ndarray], vocoder, features: FeatureConfig, batch_s
     return out  # type: ignore[return-value]
 
 
+def synthesis_batch(configured: int, device: torch.device) -> int:
+    """`evaluate.synthesis_batch`, with 0 resolved: 1 on CPU (a padded batch costs more per utterance
+    there than one unpadded utterance at a time), 16 on an accelerator."""
+    return configured or (1 if torch.device(device).type == "cpu" else 16)
+
+
+def vocoder_key(vocoder) -> str | None:  # noqa: ANN001
+    """What makes a vocoder's audio what it is, or None when unknown (then nothing it voices is cached)."""
+    from rlhf_tts.models.vocoder import GriffinLimVocoder
+
+    if isinstance(vocoder, GriffinLimVocoder):
+        return f"griffin_lim n_iter={vocoder.n_iter} momentum={vocoder.momentum}"
+    checkpoint = getattr(vocoder, "checkpoint", None)
+    if checkpoint is not None:
+        from rlhf_tts.eval.system_cache import file_identity
+
+        identity = file_identity(Path(checkpoint))
+        return None if identity is None else f"{type(vocoder).__name__} {identity}"
+    return None
+
+
 def load_recording(utt: EvalUtterance, sample_rate: int) -> np.ndarray:
     from rlhf_tts.data.audio import load_audio
 
@@ -105,6 +126,9 @@ class RecordingsSystem:
 
     def __init__(self, features: FeatureConfig, name: str = RECORDINGS) -> None:
         self.name, self.features, self.source = name, features, "corpus audio"
+
+    def cache_key(self) -> str:
+        return "recordings"  # the corpus is in the cache context
 
     def run(self, utterances: Sequence[EvalUtterance], progress: ProgressFn | None = None) -> SystemRun:
         outputs = {}
@@ -123,6 +147,10 @@ class ResynthesisSystem:
     def __init__(self, features: FeatureConfig, vocoder, batch_size: int = 16, name: str = RESYNTHESIS) -> None:  # noqa: ANN001
         self.name, self.features, self.vocoder, self.batch_size = name, features, vocoder, batch_size
         self.source = f"reference mel → {type(vocoder).__name__}"
+
+    def cache_key(self) -> str | None:
+        vocoder = vocoder_key(self.vocoder)
+        return None if vocoder is None else f"resynthesis {vocoder} {self.batch_size}"
 
     def run(self, utterances: Sequence[EvalUtterance], progress: ProgressFn | None = None) -> SystemRun:
         mels = [u.mel for u in utterances]
@@ -150,6 +178,12 @@ class DegradedSystem:
             self.by_text.setdefault((utt.speaker, utt.text), {})[utt.emotion] = utt
         faults = (["wrong emotion"] if wrong_emotion else []) + ([f"noise {snr_db:g} dB SNR"] if snr_db is not None else [])
         self.source = f"ground-truth resynthesis with {', '.join(faults) or 'no faults'}"
+        self.pool_ids = sorted(u.utt_id for u in pool)
+
+    def cache_key(self) -> str | None:
+        vocoder = vocoder_key(self.vocoder)
+        return None if vocoder is None else str(("degraded", vocoder, self.wrong_emotion, self.snr_db, self.seed,
+                                                  self.batch_size, self.pool_ids))
 
     def swap(self, utt: EvalUtterance) -> EvalUtterance:
         from rlhf_tts.data.emotions import EMOTIONS
@@ -241,13 +275,26 @@ class ModelSystem:
             raise InputError(f"system {name!r}: the model's features differ from features.* of this config "
                              "(the judges and references use the config's)")
         self.device = torch.device(device)
+        self.directory = path
+
+    def cache_key(self) -> str | None:
+        """The model's folder, its final weights (path, size, mtime) and training state; the sampler
+        settings are in the cache context (`evaluate.*`)."""
+        from rlhf_tts.eval.system_cache import file_identity
+
+        vocoder = vocoder_key(self.vocoder)
+        weights = file_identity(self.directory / "final" / "tensors.safetensors")
+        if vocoder is None or weights is None:
+            return None
+        state = (self.directory / "final" / "state.json").read_text()
+        return str(("model", str(self.directory.resolve()), weights, state, vocoder, str(self.device)))
 
     def run(self, utterances: Sequence[EvalUtterance], progress: ProgressFn | None = None) -> SystemRun:
         ev, features = self.cfg.evaluate, self.cfg.features
         mels, spans, missing = synthesize_utterances(self.model, self.vocab, utterances, ev, features, self.device,
                                                      progress, f"{self.name}: synthesise")
         usable = [u for u in utterances if u.utt_id in mels]
-        audio = vocode([mels[u.utt_id] for u in usable], self.vocoder, features, ev.synthesis_batch, progress,
+        audio = vocode([mels[u.utt_id] for u in usable], self.vocoder, features, ev.vocoder_batch, progress,
                        f"{self.name}: vocode")
         outputs = {u.utt_id: SystemOutput(u.utt_id, a, mels[u.utt_id], spans[u.utt_id]) for u, a in zip(usable, audio)}
         return SystemRun(outputs, missing)
@@ -273,7 +320,7 @@ def synthesize_utterances(model, vocab, utterances: Sequence[EvalUtterance], ev,
     mels: dict[str, np.ndarray] = {}
     spans: dict[str, list | None] = {}
     done = 0
-    for index in _length_order([len(i) for i in ids], ev.synthesis_batch):
+    for index in _length_order([len(i) for i in ids], synthesis_batch(ev.synthesis_batch, device)):
         items = [usable[i] for i in index]
         padded = torch.zeros(len(index), max(len(ids[i]) for i in index), dtype=torch.long)
         for row, i in enumerate(index):

@@ -61,7 +61,7 @@ def policy_emotion_metrics(cfg: RunConfig, policy: Any, vocab: Any, n_utterances
         policy.train(was_training)
     vocoder = GriffinLimVocoder(cfg.features)
     audio = vocode([torch.as_tensor(mels[u.utt_id]).cpu().numpy() for u in utterances], vocoder, cfg.features,
-                   cfg.evaluate.synthesis_batch)
+                   cfg.evaluate.vocoder_batch)
     judged = judge.judge_audio(audio, cfg.features.sample_rate)
     targets = np.array([judge.emotions.index(u.emotion) for u in utterances])
     return {"emo_sim": float(cosine_rows(judged.embeddings, references).mean()),

@@ -262,6 +262,7 @@ class HiFiGANVocoder(nn.Module):
         if missing:
             raise ValueError(f"HiFi-GAN config: missing key(s) {', '.join(missing)}")
         self.config = dict(config)
+        self.checkpoint: Path | None = None  # set by load_hifigan
         self.sample_rate = int(config["sampling_rate"])
         self.hop_length = int(config["hop_size"])
         self.n_mels = int(config["num_mels"])
@@ -398,7 +399,9 @@ def load_hifigan(checkpoint: str | Path, config: str | Path | None = None,
     cfg = _read_config(config_path)
     generator = HiFiGANGenerator(cfg)
     _load_state(generator, _read_state_dict(path), path)
-    return HiFiGANVocoder(generator, cfg).to(device)
+    vocoder = HiFiGANVocoder(generator, cfg).to(device)
+    vocoder.checkpoint = path  # what the evaluation cache keys its audio on
+    return vocoder
 
 
 def save_hifigan_official(generator: HiFiGANGenerator, config: Mapping[str, Any], directory: str | Path) -> Path:

@@ -5,6 +5,12 @@ The prompt of item i is `request.prompt[i]` when given (free text is accepted; u
 vocabulary's: ESD's Neutral, Angry, Happy, Sad, Surprise → "a neutral voice", "an angry voice", ...).
 The model has no batch-dependent operation, so concatenating requests never changes a score.
 
+Form (`align.reward`): `score` is the paper's `S(c, x, t)`. `log_softmax` is
+`S(c, x, t) - logsumexp_e S(c_e, x, t)` over the emotions' default prompts (with the item's own
+prompt standing in for its emotion's): the log-probability EASPM's InfoNCE head gives the target
+emotion. A policy change that raises every prompt's score alike (a state EASPM finds generically
+"speech-like", whatever the emotion) earns nothing under it.
+
 Input (METHOD §2 open choice, `easpm.input`): `noisy` scores the state x_t itself (default, the
 paper's wording). `x0_hat` scores the frozen base model's one-step clean estimate, as SPO's code
 does; that needs the base model's score and the items' prior (`mu`, speaker, emotion), which a
@@ -29,8 +35,12 @@ RequestX0Fn = Callable[[ScoreRequest], torch.Tensor]
 class EASPMReward:
     """Scores candidate states with a trained EASPM (see module docstring for the input options)."""
 
-    def __init__(self, model: EASPM, x0: RequestX0Fn | GradTTS | None = None, max_batch: int = 256) -> None:
+    def __init__(self, model: EASPM, x0: RequestX0Fn | GradTTS | None = None, max_batch: int = 256,
+                 form: str = "score") -> None:
+        if form not in ("score", "log_softmax"):
+            raise ValueError(f"form: 'score' or 'log_softmax', got {form!r}")
         self.model = model.eval()
+        self.form = form
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.x0 = x0
@@ -42,7 +52,7 @@ class EASPMReward:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, device: torch.device | str = "cpu",
-                    x0: RequestX0Fn | GradTTS | None = None) -> "EASPMReward":
+                    x0: RequestX0Fn | GradTTS | None = None, form: str = "score") -> "EASPMReward":
         """The cached EASPM of `cfg` (train it with the `easpm` stage first)."""
         from rlhf_tts.training.easpm import easpm_location
 
@@ -51,7 +61,7 @@ class EASPMReward:
             from rlhf_tts.training.pretrain import base_model_location
 
             x0 = base_model_location(cfg).load(device)[0]
-        return cls(model, x0)
+        return cls(model, x0, form=form)
 
     @property
     def emotions(self) -> tuple[str, ...]:
@@ -90,7 +100,14 @@ class EASPMReward:
         scores = []
         for start in range(0, len(request), self.max_batch):
             part = slice(start, start + self.max_batch)
-            scores.append(self.model.score(prompts[part], states[part], request.mask[part], t[part]))
+            audio = self.model.embed_audio(states[part], request.mask[part], t[part])
+            target = self.model.scale() * (audio * prompts[part]).sum(-1)
+            if self.form == "log_softmax":
+                others = self.model.logits(audio, self._default)  # (n, n_emotions)
+                own = request.emotion.to(self.device).long()[part]
+                others = others.scatter(1, own.unsqueeze(1), target.unsqueeze(1))
+                target = target - others.logsumexp(1)
+            scores.append(target)
         return ScoreResult(torch.cat(scores).float())
 
     __call__ = score

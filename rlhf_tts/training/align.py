@@ -63,6 +63,11 @@ def stable_int(*parts: object) -> int:
     return int(stable_hash(*parts, length=15), 16)
 
 
+def align_seed(cfg: RunConfig) -> int:
+    """`align.seed`, or the run's seed when unset."""
+    return cfg.seed if cfg.align.seed is None else cfg.align.seed
+
+
 def rollout_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The RNG of rollout `index`: the same on every actor, so any actor can redo a lost rollout."""
     return torch.Generator(device=device).manual_seed(stable_int(seed, "rollout", index))
@@ -136,7 +141,7 @@ def load_policy(cfg: RunConfig, device: torch.device | str = "cpu") -> tuple[Gra
 def load_reward(cfg: RunConfig, device: torch.device | str = "cpu"):  # noqa: ANN201 - a RewardModel
     from rlhf_tts.rewards.easpm_reward import EASPMReward
 
-    return EASPMReward.from_config(cfg, device)
+    return EASPMReward.from_config(cfg, device, form=cfg.align.reward)
 
 
 def load_prompts(cfg: RunConfig, vocab: Vocabulary) -> PromptSampler:
@@ -145,7 +150,7 @@ def load_prompts(cfg: RunConfig, vocab: Vocabulary) -> PromptSampler:
 
     dataset, _ = dataset_location(cfg)
     rows = [r for r in read_manifest(dataset.manifest_path).to_pylist() if r["split"] == cfg.align.split]
-    return PromptSampler(rows, vocab, cfg.align.prompts_per_rollout, cfg.seed)
+    return PromptSampler(rows, vocab, cfg.align.prompts_per_rollout, align_seed(cfg))
 
 
 def batch_digest(batch: PreferenceBatch) -> str:
@@ -202,7 +207,7 @@ class LearnerCore:
             self._consumed.add(batch.rollout_id)
             self.ledger.consumed_ids.append(batch.rollout_id)
             return {"skipped": 1.0, "stale": 1.0, "staleness": float(staleness)}
-        stats = self.learner.update(batch, torch.Generator().manual_seed(stable_int(self.cfg.seed, "crop", batch.rollout_id)))
+        stats = self.learner.update(batch, torch.Generator().manual_seed(stable_int(align_seed(self.cfg), "crop", batch.rollout_id)))
         self.ledger.pair_digests[batch.rollout_id] = batch_digest(batch)
         self.ledger.pairs_consumed += len(batch)
         self._consumed.add(batch.rollout_id)
@@ -274,7 +279,7 @@ def run_inprocess_alignment(
     while core.updates < cfg.align.steps and (stop_after is None or core.updates < stop_after):
         text, _ = prompts.batch(index)
         result = rollout(core.learner.policy, text.to(device), cfg.align, reward.score,
-                         rollout_generator(cfg.seed, index, device), core.version, f"r{index}")
+                         rollout_generator(align_seed(cfg), index, device), core.version, f"r{index}")
         if on_pairs is not None:
             on_pairs(index, result.batch)
         stats = core.update(result.batch)

@@ -28,16 +28,18 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
-def masked_group_norm(x: Tensor, mask: Tensor, norm: nn.GroupNorm) -> Tensor:
+def masked_group_norm(x: Tensor, mask: Tensor, norm: nn.GroupNorm, padded: bool | None = None) -> Tensor:
     """`norm` (a GroupNorm's parameters) with statistics over the frames `mask` (B, 1, 1, T) keeps.
 
     Plain GroupNorm averages over padded frames too, so an utterance padded in a batch was
     normalised differently from the same utterance alone: the network is trained on unpadded
     crops, and at inference (padded batches) its score was wrong (denoising loss ~30x the
     crop loss at t >= 0.6, and samples diverged). With masked statistics an item's score does not
-    depend on what it is batched with (tested); without padding this equals `norm(x)`.
+    depend on what it is batched with (tested); without padding this equals `norm(x)`. `padded`
+    (whether `mask` drops any frame) is computed once per forward by `ScoreUNet`: reading it here
+    in every layer would be a device-to-host sync per layer on CUDA.
     """
-    if bool(mask.min() > 0):
+    if not (bool(mask.min() <= 0) if padded is None else padded):
         return norm(x)
     b, c, f, t = x.shape
     g = norm.num_groups
@@ -56,9 +58,9 @@ class Block(nn.Module):
         # Kept as Sequential (conv, norm, act) so the parameter names stay Grad-TTS's.
         self.block = nn.Sequential(nn.Conv2d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out), nn.Mish())
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, padded: bool | None = None) -> Tensor:
         conv, norm, act = self.block
-        return act(masked_group_norm(conv(x * mask), mask, norm)) * mask
+        return act(masked_group_norm(conv(x * mask), mask, norm, padded)) * mask
 
 
 class ResnetBlock(nn.Module):
@@ -69,9 +71,9 @@ class ResnetBlock(nn.Module):
         self.block2 = Block(dim_out, dim_out, groups)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
-    def forward(self, x: Tensor, mask: Tensor, time_emb: Tensor) -> Tensor:
-        h = self.block1(x, mask) + self.mlp(time_emb).unsqueeze(-1).unsqueeze(-1)
-        return self.block2(h, mask) + self.res_conv(x * mask)
+    def forward(self, x: Tensor, mask: Tensor, time_emb: Tensor, padded: bool | None = None) -> Tensor:
+        h = self.block1(x, mask, padded) + self.mlp(time_emb).unsqueeze(-1).unsqueeze(-1)
+        return self.block2(h, mask, padded) + self.res_conv(x * mask)
 
 
 class LinearAttention(nn.Module):
@@ -82,11 +84,11 @@ class LinearAttention(nn.Module):
         self.to_qkv = nn.Conv2d(dim, hidden * 3, 1, bias=False)
         self.to_out = nn.Conv2d(hidden, dim, 1)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, padded: bool | None = None) -> Tensor:
         """`mask` (B, 1, 1, T): padded frames are neither attended to nor averaged into the context."""
         b, _, h, w = x.shape
         q, k, v = self.to_qkv(x).reshape(b, 3, self.heads, -1, h * w).unbind(1)
-        if mask is not None and bool(mask.min() <= 0):  # unpadded (training crops): nothing to mask
+        if mask is not None and (bool(mask.min() <= 0) if padded is None else padded):  # unpadded: nothing to mask
             keep = mask.expand(b, 1, h, w).reshape(b, 1, 1, h * w) > 0
             k = k.masked_fill(~keep, float("-inf"))
             v = v * keep
@@ -104,8 +106,8 @@ class ReZeroAttention(nn.Module):
         self.attention = LinearAttention(dim, heads, dim_head)
         self.g = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return x + self.g * self.attention(x, mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, padded: bool | None = None) -> Tensor:
+        return x + self.g * self.attention(x, mask, padded)
 
 
 class ScoreUNet(nn.Module):
@@ -153,21 +155,25 @@ class ScoreUNet(nn.Module):
         cond_map = self.cond_channel(cond).unsqueeze(-1).expand(-1, -1, x.shape[-1])
         h = torch.stack([mu, x, cond_map], dim=1)
         mask = mask.unsqueeze(1)  # (B, 1, 1, T)
+        # One host read per forward (not per layer). Unpadded (training crops): every level takes the
+        # native GroupNorm and unmasked attention. Padded: every level masks (exact even where a
+        # downsampled mask happens to keep every frame).
+        p = bool(mask.min() <= 0)
         masks = [mask]
         hiddens = []
         for resnet1, resnet2, attn, downsample in self.downs:
             m = masks[-1]
-            h = attn(resnet2(resnet1(h, m, time_emb), m, time_emb), m)
+            h = attn(resnet2(resnet1(h, m, time_emb, p), m, time_emb, p), m, p)
             hiddens.append(h)
             h = downsample(h * m)
             masks.append(m[:, :, :, ::2])
         masks = masks[:-1]
         m = masks[-1]
-        h = self.mid_block2(self.mid_attn(self.mid_block1(h, m, time_emb), m), m, time_emb)
+        h = self.mid_block2(self.mid_attn(self.mid_block1(h, m, time_emb, p), m, p), m, time_emb, p)
         for resnet1, resnet2, attn, upsample in self.ups:
             m = masks.pop()
             h = torch.cat([h, hiddens.pop()], dim=1)
-            h = attn(resnet2(resnet1(h, m, time_emb), m, time_emb), m)
+            h = attn(resnet2(resnet1(h, m, time_emb, p), m, time_emb, p), m, p)
             h = upsample(h * m)
-        h = self.final_block(h, mask)
+        h = self.final_block(h, mask, p)
         return (self.final_conv(h * mask) * mask).squeeze(1)

@@ -1,0 +1,181 @@
+"""How the preference model sees a model's own sampling paths: EASPM along the sampler, per t.
+
+    python -m rlhf_tts.eval.reward_view [--model NAME=DIR ...] [--split val] [--max-utts 50] [--steps 20]
+                                        [--stochastic] [key=value ...]
+
+By default it compares the config's base model with its aligned model (when the align stage has
+made one). Each model speaks the split's utterances (its own durations, `evaluate.temperature`, a
+fixed seed; the ODE sampler the report uses, or the rollouts' stochastic one) and after every step
+the state is scored by EASPM against the five emotions' prompts at that step's time: accuracy (the
+target emotion scores highest), the target's mean log-probability (`align.reward=log_softmax`) and
+its mean raw score S (`align.reward=score`).
+
+This is the reward's side of the story the judges tell in the evaluation report. When the judge
+and EASPM disagree about an aligned model, it says which side moved: a reward that rises where the
+judge hears nothing (the policy found what EASPM likes, not what the emotion is), or a reward that
+cannot read the final states of either model (accuracy at chance at t = 0: the base model's speech
+is off the manifold EASPM was trained on, and no preference signal reaches the end of sampling).
+It never trains anything and is no judge: EASPM is the reward being examined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rlhf_tts.config import ConfigError, RunConfig, load_config
+
+REPORT_TIMES = (1.0, 0.75, 0.5, 0.25, 0.0)
+
+
+@torch.no_grad()
+def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperature: float,  # noqa: ANN001
+                    stochastic: bool, seed: int, batch: int = 8) -> dict[float, dict[str, float]]:
+    """Per report time t: EASPM accuracy, mean target log-probability and mean target score over the
+    utterances' states after the sampler step that ends at t (t = 1: the initial state)."""
+    from rlhf_tts.eval.systems import _length_order
+    from rlhf_tts.models.gradtts import diffusion
+    from rlhf_tts.models.gradtts.model import TextBatch
+
+    prompts = easpm.embed_prompts(easpm.default_prompts())
+    emotion_index = {e: i for i, e in enumerate(easpm.emotions)}
+    h = 1.0 / steps
+    wanted = {round(1.0 - i * h, 6): i for i in range(steps + 1)}
+    times = [t for t in REPORT_TIMES if round(t, 6) in wanted]
+    hits: dict[float, list] = {t: [] for t in times}
+    generator = torch.Generator().manual_seed(seed)
+    ids = [vocab.symbols.ids(list(u.row["phonemes"])) for u in utterances]
+    for index in _length_order([len(i) for i in ids], batch):
+        items = [utterances[i] for i in index]
+        padded = torch.zeros(len(index), max(len(ids[i]) for i in index), dtype=torch.long)
+        for row, i in enumerate(index):
+            padded[row, : len(ids[i])] = torch.tensor(ids[i])
+        text = TextBatch(padded, torch.tensor([len(ids[i]) for i in index]),
+                         torch.tensor([vocab.emotions.index(u.emotion) for u in items]),
+                         torch.tensor([vocab.speakers.index(u.speaker) for u in items]))
+        prior = model.encode(text)
+        targets = torch.tensor([emotion_index[u.emotion] for u in items])
+        x = model.initial_state(prior, temperature, generator)
+
+        def look(t: float) -> None:
+            audio = easpm.embed_audio(x * prior.mask, prior.mask, torch.full((len(items),), t))
+            logits = easpm.logits(audio, prompts)
+            target = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+            hits[t].append(torch.stack([(logits.argmax(1) == targets).float(), target - logits.logsumexp(1),
+                                        target], 1))
+
+        if 1.0 in hits:
+            look(1.0)
+        for i in range(steps):
+            t = 1.0 - (i + 0.5) * h
+            if stochastic:
+                mean, variance = model.reverse_step_mean(x, t, h, prior)
+                x = (mean + torch.sqrt(variance) * torch.randn(x.shape, generator=generator)) * prior.mask
+            else:
+                score = model.score(x, t, prior)
+                x = diffusion.ode_step(x, prior.mu, score, t, h, model.cfg.beta_min, model.cfg.beta_max) * prior.mask
+            t_next = round(1.0 - (i + 1) * h, 6)
+            if t_next in hits:
+                look(t_next)
+    out = {}
+    for t, parts in hits.items():
+        values = torch.cat(parts).numpy()
+        out[t] = {"accuracy": float(values[:, 0].mean()), "log_prob": float(values[:, 1].mean()),
+                  "score": float(values[:, 2].mean()), "n": int(len(values))}
+    return out
+
+
+def reward_view(cfg: RunConfig, models: dict[str, str] | None, split: str, max_utts: int, steps: int,
+                stochastic: bool) -> dict:
+    from rlhf_tts.data.pipeline import dataset_location
+    from rlhf_tts.errors import InputError
+    from rlhf_tts.eval.corpus import load_split
+    from rlhf_tts.eval.evaluate_stage import aligned_model_dir
+    from rlhf_tts.eval.systems import is_model_dir
+    from rlhf_tts.training.easpm import easpm_location
+    from rlhf_tts.training.pretrain import BaseModel, base_model_location
+
+    if not models:
+        models = {"base model": str(base_model_location(cfg).directory)}
+        aligned = aligned_model_dir(cfg)
+        if aligned is not None:
+            models["aligned model"] = str(aligned)
+    for name, path in models.items():
+        if not is_model_dir(path):
+            raise InputError(f"--model {name}={path}: not a model folder (model.json + final/state.json)")
+    location = easpm_location(cfg)
+    if not location.exists():
+        raise InputError(f"no EASPM at {location.directory}: run the easpm stage first")
+    easpm = location.load("cpu").eval()
+    dataset, _ = dataset_location(cfg)
+    utterances = load_split(dataset, split, max_utts or None, cfg.features)
+    if not utterances:
+        raise InputError(f"--split {split}: the split is empty")
+    result = {"split": split, "utterances": len(utterances), "steps": steps, "stochastic": stochastic,
+              "temperature": cfg.evaluate.temperature, "chance_accuracy": 1 / len(easpm.emotions),
+              "chance_log_prob": float(np.log(1 / len(easpm.emotions))), "models": {}}
+    for name, path in models.items():
+        model, vocab, _ = BaseModel(Path(path)).load("cpu")
+        model.eval()
+        view = trajectory_view(model, vocab, easpm, utterances, steps, cfg.evaluate.temperature, stochastic,
+                               cfg.evaluate.seed)
+        result["models"][name] = {"path": path, "by_t": {f"{t:.2f}": v for t, v in view.items()}}
+    return result
+
+
+def report_markdown(result: dict) -> str:
+    names = list(result["models"])
+    times = list(next(iter(result["models"].values()))["by_t"])
+    lines = [f"# EASPM along each model's sampling path ({result['split']} split, {result['utterances']} utterances, "
+             f"{result['steps']} {'stochastic' if result['stochastic'] else 'ODE'} steps)\n",
+             f"Chance: accuracy {result['chance_accuracy']:.0%}, log-probability {result['chance_log_prob']:.2f}.\n",
+             "| t | " + " | ".join(f"{n}: accuracy | {n}: log p | {n}: S" for n in names) + " |",
+             "|---:|" + "---:|" * (3 * len(names))]
+    for t in times:
+        cells = []
+        for n in names:
+            v = result["models"][n]["by_t"][t]
+            cells += [f"{v['accuracy']:.0%}", f"{v['log_prob']:.2f}", f"{v['score']:.2f}"]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m rlhf_tts.eval.reward_view", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", action="append", default=[], help="NAME=DIR (repeatable; default base + aligned)")
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"])
+    parser.add_argument("--max-utts", type=int, default=50, help="an even stride of N utterances (0 = all)")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps (align.sampler_steps is 20)")
+    parser.add_argument("--stochastic", action="store_true", help="the rollouts' stochastic sampler instead of the ODE")
+    parser.add_argument("--config")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    from rlhf_tts.errors import InputError
+
+    try:
+        models = {}
+        for spec in args.model:
+            name, sep, path = spec.partition("=")
+            if not sep or not name or not path:
+                raise InputError(f"--model {spec!r}: expected NAME=DIR")
+            models[name] = path
+        cfg = load_config(args.config, args.overrides)
+        result = reward_view(cfg, models, args.split, args.max_utts, args.steps, args.stochastic)
+    except (ConfigError, InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reward_view.json").write_text(json.dumps(result, indent=1))
+    (out / "reward_view.md").write_text(report_markdown(result))
+    print(report_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
