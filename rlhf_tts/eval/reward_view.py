@@ -38,9 +38,8 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
                     stochastic: bool, seed: int, batch: int = 8) -> dict[float, dict[str, float]]:
     """Per report time t: EASPM accuracy, mean target log-probability and mean target score over the
     utterances' states after the sampler step that ends at t (t = 1: the initial state)."""
-    from rlhf_tts.eval.systems import _length_order
+    from rlhf_tts.eval.systems import _length_order, utterance_text_batch
     from rlhf_tts.models.gradtts import diffusion
-    from rlhf_tts.models.gradtts.model import TextBatch
 
     prompts = easpm.embed_prompts(easpm.default_prompts())
     emotion_index = {e: i for i, e in enumerate(easpm.emotions)}
@@ -52,12 +51,7 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
     ids = [vocab.symbols.ids(list(u.row["phonemes"])) for u in utterances]
     for index in _length_order([len(i) for i in ids], batch):
         items = [utterances[i] for i in index]
-        padded = torch.zeros(len(index), max(len(ids[i]) for i in index), dtype=torch.long)
-        for row, i in enumerate(index):
-            padded[row, : len(ids[i])] = torch.tensor(ids[i])
-        text = TextBatch(padded, torch.tensor([len(ids[i]) for i in index]),
-                         torch.tensor([vocab.emotions.index(u.emotion) for u in items]),
-                         torch.tensor([vocab.speakers.index(u.speaker) for u in items]))
+        text = utterance_text_batch(items, [ids[i] for i in index], vocab, word_spans=False)
         prior = model.encode(text)
         targets = torch.tensor([emotion_index[u.emotion] for u in items])
         x = model.initial_state(prior, temperature, generator)

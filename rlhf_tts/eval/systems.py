@@ -300,6 +300,20 @@ class ModelSystem:
         return SystemRun(outputs, missing)
 
 
+def utterance_text_batch(items: Sequence[EvalUtterance], ids: Sequence[list[int]], vocab,  # noqa: ANN001
+                         word_spans: bool = True):  # noqa: ANN201 - TextBatch
+    """A padded `TextBatch` of utterances (their phoneme ids given), with their emotion and speaker."""
+    from rlhf_tts.models.gradtts.model import TextBatch
+
+    padded = torch.zeros(len(items), max(len(i) for i in ids), dtype=torch.long)
+    for row, phonemes in enumerate(ids):
+        padded[row, : len(phonemes)] = torch.tensor(phonemes)
+    return TextBatch(padded, torch.tensor([len(i) for i in ids]),
+                     torch.tensor([vocab.emotions.index(u.emotion) for u in items]),
+                     torch.tensor([vocab.speakers.index(u.speaker) for u in items]),
+                     [[tuple(s) for s in u.row["word_spans"]] for u in items] if word_spans else None)
+
+
 @torch.no_grad()
 def synthesize_utterances(model, vocab, utterances: Sequence[EvalUtterance], ev, features: FeatureConfig,  # noqa: ANN001
                           device: str | torch.device = "cpu", progress: ProgressFn | None = None,
@@ -310,8 +324,6 @@ def synthesize_utterances(model, vocab, utterances: Sequence[EvalUtterance], ev,
     Returns (mels, spans, missing) keyed by utt_id; an utterance whose speaker the model does not
     know is listed in `missing` rather than spoken by someone else.
     """
-    from rlhf_tts.models.gradtts.model import TextBatch
-
     device = torch.device(device)
     missing = {u.utt_id: f"speaker {u.speaker} unknown to the model" for u in utterances if u.speaker not in vocab.speakers}
     usable = [u for u in utterances if u.utt_id not in missing]
@@ -322,13 +334,7 @@ def synthesize_utterances(model, vocab, utterances: Sequence[EvalUtterance], ev,
     done = 0
     for index in _length_order([len(i) for i in ids], synthesis_batch(ev.synthesis_batch, device)):
         items = [usable[i] for i in index]
-        padded = torch.zeros(len(index), max(len(ids[i]) for i in index), dtype=torch.long)
-        for row, i in enumerate(index):
-            padded[row, : len(ids[i])] = torch.tensor(ids[i])
-        text = TextBatch(padded, torch.tensor([len(ids[i]) for i in index]),
-                         torch.tensor([vocab.emotions.index(u.emotion) for u in items]),
-                         torch.tensor([vocab.speakers.index(u.speaker) for u in items]),
-                         [[tuple(s) for s in u.row["word_spans"]] for u in items]).to(device)
+        text = utterance_text_batch(items, [ids[i] for i in index], vocab).to(device)
         durations = None
         if ev.durations == "ground_truth":
             n = max(u.n_frames for u in items)
