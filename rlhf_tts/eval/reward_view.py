@@ -90,7 +90,7 @@ def reward_view(cfg: RunConfig, models: dict[str, str] | None, split: str, max_u
     from rlhf_tts.errors import InputError
     from rlhf_tts.eval.corpus import load_split
     from rlhf_tts.eval.evaluate_stage import aligned_model_dir
-    from rlhf_tts.eval.systems import is_model_dir
+    from rlhf_tts.eval.systems import is_model_dir, synthesis_batch
     from rlhf_tts.training.easpm import easpm_location
     from rlhf_tts.training.pretrain import BaseModel, base_model_location
 
@@ -117,7 +117,7 @@ def reward_view(cfg: RunConfig, models: dict[str, str] | None, split: str, max_u
         model, vocab, _ = BaseModel(Path(path)).load("cpu")
         model.eval()
         view = trajectory_view(model, vocab, easpm, utterances, steps, cfg.evaluate.temperature, stochastic,
-                               cfg.evaluate.seed)
+                               cfg.evaluate.seed, synthesis_batch(cfg.evaluate.synthesis_batch, torch.device("cpu")))
         result["models"][name] = {"path": path, "by_t": {f"{t:.2f}": v for t, v in view.items()}}
     return result
 
