@@ -334,6 +334,43 @@ def test_a_model_systems_cache_key_changes_when_its_weights_are_saved_again(tmp_
     assert file_identity(weights) != first and file_identity(tmp_path / "missing") is None
 
 
+def test_model_synthesis_uses_the_configured_sampler():
+    """`evaluate.stochastic` picks the sampler: the probability-flow ODE (default) or the stochastic
+    steps of the policy EASPO trains, each deterministic under `evaluate.seed`."""
+    import torch
+
+    from rlhf_tts.config import load_config
+    from rlhf_tts.data.frontend import UNK, SymbolTable
+    from rlhf_tts.eval.corpus import EvalUtterance
+    from rlhf_tts.eval.systems import synthesize_utterances, utterance_text_batch
+    from rlhf_tts.training.data import Vocabulary
+    from test_gradtts import tiny_model
+
+    model = tiny_model()
+    vocab = Vocabulary(SymbolTable((UNK, *(f"p{i}" for i in range(1, 40))), 1), ("s0", "s1", "s2"))
+    utterances = [EvalUtterance(f"u{i}", "s1", emotion, "x", np.zeros((80, 30), np.float32), Path("x.wav"), None, None,
+                                {"phonemes": [f"p{3 + i}", "p7", "p9", "p4", "p8"], "word_spans": [[0, 2], [2, 5]]})
+                  for i, emotion in enumerate(("Sad", "Angry"))]
+    features = load_config(None, []).features
+
+    def mels(*overrides):
+        ev = load_config(None, ["evaluate.sampler_steps=4", *overrides]).evaluate
+        return synthesize_utterances(model, vocab, utterances, ev, features)[0]
+
+    sde, sde_again, ode = mels("evaluate.stochastic=true"), mels("evaluate.stochastic=true"), mels()
+    assert not load_config(None, []).evaluate.stochastic
+    assert all(np.array_equal(sde[u], sde_again[u]) for u in sde)
+    assert all(not np.allclose(sde[u], ode[u]) for u in sde)
+    # the ODE path is exactly the model's deterministic sampler, utterance by utterance, one generator
+    generator = torch.Generator().manual_seed(load_config(None, []).evaluate.seed)
+    for u in sorted(utterances, key=lambda u: len(u.row["phonemes"])):
+        text = utterance_text_batch([u], [vocab.symbols.ids(u.row["phonemes"])], vocab)
+        prior = model.encode(text)
+        expected = model.sample(prior, 4, 1.5, False, 1.0, generator)[0, :, : int(prior.lengths[0])]
+        assert ode[u.utt_id].shape == tuple(expected.shape)
+        assert float(np.abs(ode[u.utt_id] - expected.numpy()).max()) <= 1e-4 * float(np.abs(expected.numpy()).max())
+
+
 @pytest.mark.slow
 def test_a_cached_row_is_neither_produced_nor_judged_again_and_reads_back_the_same(judged, tmp_path):
     from rlhf_tts.data.pipeline import dataset_location

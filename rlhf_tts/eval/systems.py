@@ -320,7 +320,7 @@ def synthesize_utterances(model, vocab, utterances: Sequence[EvalUtterance], ev,
                           label: str = "synthesise") -> tuple[dict[str, np.ndarray], dict[str, list | None], dict[str, str]]:
     """Mels (and word frame spans) of `model` for each utterance's phonemes, speaker and emotion.
 
-    `ev` is an `EvaluateConfig` (steps, temperature, guidance, durations, batch size, seed).
+    `ev` is an `EvaluateConfig` (steps, sampler, temperature, guidance, durations, batch size, seed).
     Returns (mels, spans, missing) keyed by utt_id; an utterance whose speaker the model does not
     know is listed in `missing` rather than spoken by someone else.
     """
@@ -343,7 +343,7 @@ def synthesize_utterances(model, vocab, utterances: Sequence[EvalUtterance], ev,
                 mel[row, :, : u.n_frames] = torch.from_numpy(u.mel)
             durations = model.ground_truth_durations(text, mel, torch.tensor([u.n_frames for u in items], device=device))
         prior = model.encode(text, durations=durations)
-        sampled = model.sample(prior, ev.sampler_steps, ev.temperature, False, ev.guidance, generator)
+        sampled = model.sample(prior, ev.sampler_steps, ev.temperature, ev.stochastic, ev.guidance, generator)
         for row, u in enumerate(items):
             n = int(prior.lengths[row])
             mels[u.utt_id] = sampled[row, :, :n].cpu().numpy()
