@@ -51,6 +51,8 @@ def test_saved_yaml_round_trips(tmp_path):
         (["stages=[dance]"], "stages"),
         (["data.test_fraction=0"], "data.test_fraction"),
         (["data.synthetic.intensity_min=0.9", "data.synthetic.intensity_max=0.5"], "data.synthetic"),
+        (["pretrain.steps=100"], "pretrain.warmup_steps"),  # the default 200-step warm-up would never end
+        (["pretrain.lr_schedule=linear"], "pretrain.lr_schedule"),
     ],
 )
 def test_bad_config_is_one_line_error_naming_the_field(overrides, field):

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import smoke_config
 from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint
-from rlhf_tts.training.pretrain import run_pretraining
+from rlhf_tts.config import load_config
+from rlhf_tts.training.pretrain import learning_rate, run_pretraining
 
 
 class Recorder:
@@ -48,12 +49,27 @@ def test_resume_gives_exactly_the_uninterrupted_losses(smoke_dataset, tmp_path):
     resumed = Recorder()
     base_b = run_pretraining(cfg_b, dataset.directory, resume=True, tracker=resumed)
     assert _losses(resumed, range(5, 9)) == _losses(straight, range(5, 9))  # bit-identical
+    # the learning-rate schedule is a function of the step: the resumed run is on the same schedule
+    assert [resumed.metrics[s]["pretrain/lr"] for s in range(5, 9)] == [learning_rate(cfg_a, s - 1) for s in range(5, 9)]
     assert _losses(interrupted, range(1, 6)) == _losses(straight, range(1, 6))
     weights_a = load_file(str(base_a.final / "tensors.safetensors"))
     weights_b = load_file(str(base_b.final / "tensors.safetensors"))
     assert weights_a.keys() == weights_b.keys()
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
     assert any(a.startswith("pretrain/samples/") and a.endswith(".wav") for a in straight.artifacts)
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    cfg = load_config(None, ["pretrain.steps=1000", "pretrain.warmup_steps=100", "pretrain.lr=1e-3",
+                             "pretrain.lr_final_fraction=0.1"])
+    lr = [learning_rate(cfg, s) for s in range(1000)]
+    assert lr[0] == pytest.approx(1e-5) and lr[49] == pytest.approx(5e-4) and lr[99] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lr[:99], lr[1:100]))  # linear warm-up
+    assert all(a >= b for a, b in zip(lr[100:], lr[101:]))  # then never rises
+    assert lr[550] == pytest.approx((1e-3 + 1e-4) / 2)  # cosine half-way between peak and floor
+    assert lr[-1] == pytest.approx(1e-4, rel=1e-3)
+    constant = load_config(None, ["pretrain.lr_schedule=constant", "pretrain.warmup_steps=0", "pretrain.lr=2e-4"])
+    assert {learning_rate(constant, s) for s in (0, 7, 1999)} == {2e-4}
 
 
 def test_without_resume_an_interrupted_run_starts_again(smoke_dataset, tmp_path):
