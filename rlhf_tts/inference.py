@@ -88,9 +88,13 @@ class Synthesizer:
                             self.vocab.speakers[speaker_index], phonemized.word_spans)
 
     @torch.no_grad()
-    def mels(self, items: list[PreparedText], n_steps: int = 50, temperature: float = 1.5, stochastic: bool = False,
-             guidance: float = 1.0, length_scale: float = 1.0, generator: torch.Generator | None = None,
-             durations: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def mels(self, items: list[PreparedText], n_steps: int | None = None, temperature: float | None = None,
+             stochastic: bool = False, guidance: float = 1.0, length_scale: float = 1.0,
+             generator: torch.Generator | None = None, durations: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Mels of prepared texts; steps and temperature default to the model config's `evaluate.*`
+        (what its evaluation report measured)."""
+        n_steps = self.cfg.evaluate.sampler_steps if n_steps is None else n_steps
+        temperature = self.cfg.evaluate.temperature if temperature is None else temperature
         batch = text_batch(items).to(self.device)
         prior = self.model.encode(batch, durations=durations, length_scale=length_scale)
         mel = self.model.sample(prior, n_steps, temperature, stochastic, guidance, generator)

@@ -37,8 +37,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", help="text file: one request per line, text[<TAB>emotion[<TAB>speaker]]")
     parser.add_argument("--out-dir", help="output folder (batch mode)")
     parser.add_argument("--model", help="base model folder (default: the one the config trained)")
-    parser.add_argument("--steps", type=int, default=50, help="reverse-diffusion steps")
-    parser.add_argument("--temperature", type=float, default=1.5, help="X_1 ~ N(mu, I/temperature)")
+    parser.add_argument("--steps", type=int,
+                        help="reverse-diffusion steps (default: the config's evaluate.sampler_steps, what the "
+                        "evaluation report measured)")
+    parser.add_argument("--temperature", type=float,
+                        help="X_1 ~ N(mu, I/temperature) (default: the config's evaluate.temperature)")
     parser.add_argument("--stochastic", action="store_true", help="Euler-Maruyama instead of the probability-flow ODE")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--length-scale", type=float, default=1.0, help=">1 speaks slower")
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         requests = _requests(args)
         cfg = load_config(args.config, args.overrides)
+        args.steps = cfg.evaluate.sampler_steps if args.steps is None else args.steps
+        args.temperature = cfg.evaluate.temperature if args.temperature is None else args.temperature
         if args.steps < 1 or args.temperature <= 0 or args.length_scale <= 0:
             raise InputError("--steps must be >= 1, --temperature and --length-scale > 0")
         if args.vocoder == "hifigan" and not args.hifigan:

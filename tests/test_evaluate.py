@@ -366,7 +366,8 @@ def test_model_synthesis_uses_the_configured_sampler():
     for u in sorted(utterances, key=lambda u: len(u.row["phonemes"])):
         text = utterance_text_batch([u], [vocab.symbols.ids(u.row["phonemes"])], vocab)
         prior = model.encode(text)
-        expected = model.sample(prior, 4, 1.5, False, 1.0, generator)[0, :, : int(prior.lengths[0])]
+        expected = model.sample(prior, 4, load_config(None, []).evaluate.temperature, False, 1.0,
+                                generator)[0, :, : int(prior.lengths[0])]
         assert ode[u.utt_id].shape == tuple(expected.shape)
         assert float(np.abs(ode[u.utt_id] - expected.numpy()).max()) <= 1e-4 * float(np.abs(expected.numpy()).max())
 

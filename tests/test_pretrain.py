@@ -121,6 +121,19 @@ def test_synthesize_every_emotion_and_speaker(trained_smoke, tmp_path):
         assert rate == 22050 and len(audio) > 0.3 * rate and abs(audio).max() > 0
 
 
+def test_synthesize_defaults_to_what_the_report_measured(trained_smoke, tmp_path):
+    """No --steps/--temperature: the config's evaluate.sampler_steps and evaluate.temperature (smoke: 4, 1.2)."""
+    def speak(name, *extra):
+        result = _synth(trained_smoke, "--text", "Hello there.", "--out", str(tmp_path / name), *extra)
+        assert result.returncode == 0, result.stderr
+        return sf.read(tmp_path / name)[0]
+
+    default = speak("default.wav")
+    np.testing.assert_array_equal(default, speak("explicit.wav", "--steps", "4", "--temperature", "1.2"))
+    assert not np.array_equal(default, speak("hotter.wav", "--temperature", "1.5"))
+    assert not np.array_equal(default, speak("longer.wav", "--steps", "6"))
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--text", "Hello.", "--emotion", "Bored", "--out", "x.wav"], "unknown emotion"),
     (["--text", "Hello.", "--speaker", "99", "--out", "x.wav"], "unknown speaker"),
@@ -145,7 +158,7 @@ def test_mcd_and_cepstra():
     import numpy as np
     from scipy.fft import dct
 
-    from rlhf_tts.eval.base_quality import mcd_db, mel_cepstra, spearman
+    from rlhf_tts.eval.base_quality import level_offsets, mcd_db, mel_cepstra, spearman
 
     g = torch.Generator().manual_seed(0)
     mel = torch.randn(80, 50, generator=g, dtype=torch.float64) - 4
@@ -157,17 +170,23 @@ def test_mcd_and_cepstra():
     assert 0 < small < large
     assert mcd_db(mel, mel + 3.0) == pytest.approx(0.0, abs=1e-9)  # a gain change lives in c0, which is excluded
     assert spearman([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0) and spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    louder_top = mel.clone()
+    louder_top[40:] += 1.5
+    assert level_offsets(mel, louder_top) == pytest.approx((0.0, 1.5))
+    assert level_offsets(mel, mel - 0.5) == pytest.approx((-0.5, -0.5))
 
 
 def test_base_quality_report_runs_on_a_trained_model(trained_smoke):
     import json
 
     result = subprocess.run([sys.executable, "-m", "rlhf_tts.eval.base_quality", "--steps", "4", "--split", "train", "--rate-splits", "train,val,test",
-                             "preset=smoke", f"cache_dir={trained_smoke / 'cache'}", f"output_dir={trained_smoke / 'eval'}"],
+                             "--temperature", "1.3", "preset=smoke", f"cache_dir={trained_smoke / 'cache'}",
+                             f"output_dir={trained_smoke / 'eval'}"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads((trained_smoke / "eval" / "base_quality.json").read_text())
     assert report["n_utterances"] > 0 and report["mcd_db"] > 0 and report["mcd_mu_db"] > 0
+    assert report["temperature"] == 1.3 and all(abs(report[k]) < 20 for k in ("level_offset_low", "level_offset_high"))
     assert set(report["speaking_rate_phones_per_s"]) == {"Neutral", "Angry", "Happy", "Sad", "Surprise"}
     assert all(r["corpus"] > 0 and r["model"] > 0 for r in report["speaking_rate_phones_per_s"].values())
     assert "Rate order" in (trained_smoke / "eval" / "base_quality.md").read_text()
