@@ -312,8 +312,8 @@ class AlignConfig(_Strict):
     sampler_steps: int = Field(20, ge=1, description="denoising steps of a rollout (paper: 20)")
     temperature: float = Field(
         1.2, gt=0.0, description="X_1 ~ N(mu, I / temperature). Grad-TTS infers at 1.5 (the `paper` preset); the "
-        "tiny decoder's ODE drifts louder the further X_1 starts inside N(mu, I) (+1 log-mel unit at 1.5, about "
-        "+0.5 at 1.2: every emotion heard as Angry), while 1.0 leaves audible noise; 1.2 is the tiny default")
+        "tiny decoder's ODE drifts louder the further X_1 starts inside N(mu, I) (+1 log-mel unit at 1.5, where "
+        "the emotion judge hears every emotion as Angry; about +0.5 at 1.2), while 1.0 leaves audible noise")
     guidance: float = Field(1.0, ge=0.0, description="classifier-free guidance scale during rollouts (1 = off)")
     threshold: float = Field(0.3, ge=0.0, lt=1.0, description="keep a pair if softmax([S_w, S_l]) margin > threshold (SPO: 0.3)")
     next_state: Literal["random", "greedy"] = Field("random", description="random: the paper; greedy collapses rollouts")
