@@ -1,8 +1,10 @@
-"""The main job: `python -m rlhf_tts.run [--config FILE.yaml] [key=value ...]`.
+"""The main job: `python -m rlhf_tts.run [--config FILE.yaml] [--resume] [key=value ...]`.
 
-Runs the configured stages in order (today: `data`; pretrain, easpm, judges, align and evaluate
-arrive with later versions). The config is validated before anything heavy starts; a bad key or
-value is a one-line error and exit code 2.
+Runs the configured stages in order: data → pretrain → easpm → judges → align → evaluate, each
+cached by its config. The config is validated before anything heavy starts; a bad key or value is a
+one-line error and exit code 2 (3: no usable data; 4: the judges built in the background failed).
+On a first run the judges are built in a child process beside pretrain and easpm
+(`parallel_stages`, `rlhf_tts.background_stage`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from rlhf_tts.config import ALL_STAGES, IMPLEMENTED_STAGES, ConfigError, RunConf
 
 EXIT_CONFIG_ERROR = 2
 EXIT_DATA_ERROR = 3
+EXIT_STAGE_ERROR = 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +33,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with config keys (merged over the preset)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted stage from its latest checkpoint instead of starting it again")
+    parser.add_argument("--mlflow-run-id", help="log into this existing MLflow run instead of starting one (how the "
+                        "main job's background judges stage logs into the main job's run)")
+    parser.add_argument("--no-config-copy", action="store_true",
+                        help="do not write <output_dir>/config.yaml (a background stage leaves its parent's copy)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     return parser
 
@@ -146,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    if not args.no_config_copy:
+        (out / "config.yaml").write_text(to_yaml(cfg))
     console.rule(f"rlhf_tts.run · preset {cfg.preset}")
     console.print(to_yaml(cfg), highlight=False)
     pending = [s for s in ALL_STAGES if s not in IMPLEMENTED_STAGES]
@@ -155,17 +163,55 @@ def main(argv: list[str] | None = None) -> int:
     from rlhf_tts.data.pipeline import NoUsableDataError
     from rlhf_tts.tracking import tracked_run
 
-    with tracked_run(cfg, run_name=f"run-{cfg.preset}") as tracker:
-        for stage in cfg.stages:
-            console.rule(f"stage {stage}")
-            try:
-                STAGE_RUNNERS[stage](cfg, console, tracker, resume=args.resume)
-            except NoUsableDataError as err:
-                print(f"data error: {err} (see {out / 'quarantine.csv'})", file=sys.stderr)
-                return EXIT_DATA_ERROR
-            release_memory()
+    import torch
+
+    from rlhf_tts.background_stage import BackgroundJudges, foreground_threads, wants_background_judges
+
+    all_threads = torch.get_num_threads()
+    background: BackgroundJudges | None = None
+    done: list[str] = []
+    with tracked_run(cfg, run_name=f"run-{cfg.preset}", attach_run_id=args.mlflow_run_id) as tracker:
+        try:
+            for stage in cfg.stages:
+                if background is None and wants_background_judges(cfg, stage, done):
+                    background = BackgroundJudges(cfg, out / "config.yaml", args.resume, tracker.run_id)
+                    console.print(f"stage judges: building in the background beside {stage} "
+                                  f"(one torch thread; log: {background.log_path})")
+                console.rule(f"stage {stage}")
+                if stage == "judges" and background is not None:
+                    if not _join_background_judges(background, console):
+                        return EXIT_STAGE_ERROR
+                else:
+                    torch.set_num_threads(foreground_threads(all_threads, background))
+                    try:
+                        STAGE_RUNNERS[stage](cfg, console, tracker, resume=args.resume)
+                    except NoUsableDataError as err:
+                        print(f"data error: {err} (see {out / 'quarantine.csv'})", file=sys.stderr)
+                        return EXIT_DATA_ERROR
+                    finally:
+                        torch.set_num_threads(all_threads)
+                done.append(stage)
+                release_memory()
+        finally:
+            if background is not None:
+                background.stop()  # a no-op once joined; else the job is failing: do not leave it running
     console.print(f"[green]done[/green]: outputs in {out.resolve()}")
     return 0
+
+
+def _join_background_judges(background, console: Console) -> bool:  # noqa: ANN001 - BackgroundJudges
+    """Wait for the background judges; print their report (or, if they failed, the log's tail)."""
+    if background.running():
+        console.print(f"waiting for the judges built in the background (log: {background.log_path})")
+    code = background.wait()
+    if code != 0:
+        print(f"judges stage failed in the background (exit {code}); last lines of {background.log_path}:\n"
+              f"{background.tail()}", file=sys.stderr)
+        return False
+    report = Path(background.log_path).with_name("judges_report.md")
+    console.print(report.read_text() if report.is_file() else "(no judges report)", highlight=False)
+    console.print(f"judges built in the background (log: {background.log_path})")
+    return True
 
 
 if __name__ == "__main__":

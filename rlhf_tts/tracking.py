@@ -35,34 +35,59 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 class Tracker:
-    """A thin handle on the active MLflow run (or on nothing, when tracking is off)."""
+    """A thin handle on an MLflow run (or on nothing, when tracking is off).
 
-    def __init__(self, enabled: bool) -> None:
+    With `client` given it writes to `run_id` through that client instead of the active run: how a
+    stage working in a child process (the main job's background judges) logs into its parent's run
+    without starting (and, on exit, ending) it.
+    """
+
+    def __init__(self, enabled: bool, run_id: str | None = None, client: Any = None) -> None:
         self.enabled = enabled
-        self.run_id: str | None = None
+        self.run_id = run_id
+        self.client = client
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if self.enabled:
-            import mlflow
+        if not self.enabled:
+            return
+        if self.client is not None:
+            import time
 
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+            return
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.enabled:
-            import mlflow
+        if not self.enabled:
+            return
+        if self.client is not None:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+            return
+        import mlflow
 
-            mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.enabled:
-            import mlflow
+        if not self.enabled:
+            return
+        if self.client is not None:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, value)
+            return
+        import mlflow
 
-            mlflow.set_tags(tags)
+        mlflow.set_tags(tags)
 
 
 @contextlib.contextmanager
-def tracked_run(cfg: RunConfig, run_name: str) -> Iterator[Tracker]:
-    """Open an MLflow run with the flattened config as params; yields a Tracker."""
+def tracked_run(cfg: RunConfig, run_name: str, attach_run_id: str | None = None) -> Iterator[Tracker]:
+    """Open an MLflow run with the flattened config as params; yields a Tracker. With
+    `attach_run_id`, log into that existing run instead (params are already there; it is not ended)."""
     tracker = Tracker(cfg.tracking.enabled)
     if not cfg.tracking.enabled:
         yield tracker
@@ -73,6 +98,9 @@ def tracked_run(cfg: RunConfig, run_name: str) -> Iterator[Tracker]:
 
     logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations of a new SQLite store
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    if attach_run_id:
+        yield Tracker(True, attach_run_id, mlflow.MlflowClient(tracking_uri=tracking_uri(cfg)))
+        return
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_experiment(cfg.tracking.experiment)
     with mlflow.start_run(run_name=run_name) as run:

@@ -39,6 +39,11 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     names = [system["name"] for system in report["systems"]]
     assert names[0].startswith("ground-truth") and "base model" in names and "aligned model" in names, names
     assert "aligned model" in stdout  # the comparison table ends the job
+    # First run: the judges were built in a child process beside pretrain, which logged into this run.
+    assert "stage judges: building in the background beside pretrain" in stdout
+    assert "judges built in the background" in stdout and (out / "judges.log").is_file()
+    assert "done: outputs in" in (out / "judges.log").read_text()
+    assert "stages:\n- data\n- pretrain" in (out / "config.yaml").read_text()  # the parent's copy, not the child's
     assert first_run < 180, f"the smoke main job took {first_run:.0f} s"
 
     import mlflow
@@ -50,7 +55,7 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     run = runs[0]
     metrics = run.data.metrics
     assert metrics["data/utterances"] == 80 and run.data.params["preset"] == "smoke"
-    for key in ("pretrain/total", "easpm/loss", "align/loss", "align/kept_fraction", "align/reward_margin",
+    for key in ("pretrain/total", "easpm/loss", "judges/check/emotion_recall", "judges/emotion/val_recall", "align/loss", "align/kept_fraction", "align/reward_margin",
                 "align/log_ratio_margin", "align/staleness", "align/pairs_per_s"):
         assert key in metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
@@ -69,7 +74,48 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert (out / "manifest.parquet").read_bytes() == before
     assert "pretrain Grad-TTS" not in again.stdout and "train EASPM" not in again.stdout  # nothing retrained
+    assert "in the background" not in again.stdout  # cached judges: nothing to overlap
     assert time.monotonic() - started < first_run
+
+
+def test_background_judges_only_when_they_would_build_and_come_later(tmp_path, monkeypatch):
+    from rlhf_tts import background_stage
+    from rlhf_tts.config import load_config
+    from rlhf_tts.eval import judges_stage
+
+    monkeypatch.setattr(background_stage.os, "cpu_count", lambda: 2)
+    cached = {"value": False}
+    monkeypatch.setattr(judges_stage, "judges_cached", lambda cfg: cached["value"])
+    cfg = load_config(None, ["preset=smoke", f"cache_dir={tmp_path}"])
+    wants = background_stage.wants_background_judges
+    assert wants(cfg, "pretrain", ["data"]) and wants(cfg, "easpm", ["data", "pretrain"])
+    assert not wants(cfg, "data", [])  # the judges need the corpus first
+    assert not wants(cfg, "align", ["data", "pretrain", "easpm"])  # nothing left to overlap with
+    assert not wants(cfg.model_copy(update={"parallel_stages": False}), "pretrain", ["data"])
+    assert not wants(cfg.model_copy(update={"stages": ["data", "judges", "pretrain"]}), "pretrain", ["data", "judges"])
+    assert not wants(cfg.model_copy(update={"stages": ["data", "pretrain"]}), "pretrain", ["data"])
+    monkeypatch.setattr(background_stage.os, "cpu_count", lambda: 1)
+    assert not wants(cfg, "pretrain", ["data"])  # one core: nothing to gain
+    monkeypatch.setattr(background_stage.os, "cpu_count", lambda: 2)
+    cached["value"] = True
+    assert not wants(cfg, "pretrain", ["data"])
+    assert background_stage.foreground_threads(2, None) == 2
+
+
+def test_failed_background_judges_report_the_log_and_fail_the_job(tmp_path):
+    from rich.console import Console
+
+    from rlhf_tts.background_stage import BackgroundJudges, foreground_threads
+    from rlhf_tts.config import load_config
+    from rlhf_tts.run import _join_background_judges
+
+    cfg = load_config(None, ["preset=smoke", f"output_dir={tmp_path}", "tracking.enabled=false"])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: {synthetic: {n_speakers: -1}}\n")  # the child's config error
+    background = BackgroundJudges(cfg, broken, resume=False, mlflow_run_id=None)
+    assert not _join_background_judges(background, Console(file=open(tmp_path / "console.txt", "w")))
+    assert "config error: data.synthetic.n_speakers" in background.tail()
+    assert foreground_threads(2, background) == 2  # the child is gone: every core back
 
 
 def test_cli_bad_value_exit_code_2():

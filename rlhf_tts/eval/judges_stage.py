@@ -95,6 +95,17 @@ def checks_key(cfg: RunConfig) -> str:
                        CHECKS_VERSION)
 
 
+def judges_cached(cfg: RunConfig) -> bool:
+    """Whether the judges stage would only read its caches (emotion judge, recogniser, checks)."""
+    from rlhf_tts.data.pipeline import dataset_location
+    from rlhf_tts.eval.judges.emotion import emotion_judge_location
+
+    dataset, _ = dataset_location(cfg)
+    if not dataset.manifest_path.is_file() or not emotion_judge_location(cfg).exists():
+        return False
+    return (Path(cfg.cache_dir) / "judges" / "checks" / f"{checks_key(cfg)}.json").is_file()
+
+
 def judge_checks(cfg: RunConfig, judges, progress: ProgressFn | None = None) -> dict:  # noqa: ANN001 - Judges
     """Emotion recall on recordings vs Griffin-Lim resynthesis, and WER on the recordings (cached)."""
     from rlhf_tts.data.pipeline import dataset_location
