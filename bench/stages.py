@@ -65,15 +65,16 @@ PSS_EVERY = 20  # PSS every 20th sample (10 s), RSS every 0.5 s
 _STAGE_HEADER = re.compile(r"─ stage (\w+) ─")
 
 
-def _current_stage(log: Path | None, offset: int, stage: str) -> tuple[int, str]:
-    """The last `stage NAME` header `python -m rlhf_tts.run` wrote to `log` (read from `offset` on)."""
+def _new_stages(log: Path | None, offset: int) -> tuple[int, list[str]]:
+    """The `stage NAME` headers `python -m rlhf_tts.run` wrote to `log` since `offset`, in order (a
+    cached stage can start and end between two samples: each is listed, so none goes missing)."""
     if log is None or not log.is_file():
-        return offset, stage
+        return offset, []
     with open(log, "rb") as handle:
         handle.seek(offset)
-        text = handle.read().decode("utf-8", "replace")
-    found = _STAGE_HEADER.findall(text)
-    return offset + len(text.encode("utf-8")), found[-1] if found else stage
+        data = handle.read()
+    data = data[: data.rfind(b"\n") + 1]  # whole lines only: a header half written is read next time
+    return offset + len(data), _STAGE_HEADER.findall(data.decode("utf-8", "replace"))
 
 
 def measure(cmd: list[str], log: Path | None = None) -> dict:
@@ -90,9 +91,8 @@ def measure(cmd: list[str], log: Path | None = None) -> dict:
         child = psutil.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
         peak_rss = peak_pss = samples = 0
         while child.poll() is None:
-            offset, now = _current_stage(log, offset, stage)
-            if now != stage:
-                stage = now
+            offset, headers = _new_stages(log, offset)
+            for stage in headers:  # all but the last of several started and ended within one sample
                 stage_started[stage] = time.monotonic() - started
             samples += 1
             rss, pss = _tree_memory(child, with_pss=samples % PSS_EVERY == 0)
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="key=value config overrides for every run")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="rlhf_tts_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
     base = [sys.executable, "-m", "rlhf_tts.run", f"preset={args.preset}", f"output_dir={work / 'out'}",
             f"cache_dir={work / 'cache'}", *args.overrides]
     results = {}

@@ -5,8 +5,11 @@ model, so on a first run they can be built while the base model and EASPM train.
 (`python -m rlhf_tts.run stages=[judges] judges.threads=1 ...`) does it with one torch thread, and
 the main job's own stages take the other cores (`foreground_threads`): two one-thread branches side
 by side, never more threads than cores (oversubscribed torch threads spin against each other).
-On 2 cores the U-Net's second thread buys ~1.3x (`bench/threads.py`), so the side-by-side run
-finishes the three stages sooner than running them one after the other.
+Off by default (`parallel_stages=false`): on the 2-core machine the real stages (data-loader
+workers, numpy feature extraction and vocoding) crowd the two cores, so it saved under 3 of 63
+minutes (README), and pretraining at one thread trains another base model than at two (CPU training
+is bit-reproducible per thread count only), which would make the cached model depend on whether the
+judges were cached. It is for machines with cores to spare.
 
 The child logs into the main job's MLflow run (`--mlflow-run-id`) and writes its output to
 `<output_dir>/judges.log`; the main job waits for it where the judges stage sits in its stage list
@@ -26,10 +29,19 @@ from rlhf_tts.config import RunConfig
 OVERLAPPABLE = ("pretrain", "easpm")
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which a container or `taskset` narrows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def wants_background_judges(cfg: RunConfig, stage: str, done: list[str]) -> bool:
     """Start the judges in the background now? Only right before an overlappable stage, when the judges
-    come later in this run and would build something (a cached judges stage costs seconds)."""
-    if not cfg.parallel_stages or (os.cpu_count() or 1) < 2 or stage not in OVERLAPPABLE:
+    come later in this run and would build something (a cached judges stage costs seconds), and on
+    two cores or more (on one, side by side is one after the other with extra memory)."""
+    if not cfg.parallel_stages or usable_cores() < 2 or stage not in OVERLAPPABLE:
         return False
     if "judges" not in cfg.stages or "judges" in done or cfg.stages.index("judges") < cfg.stages.index(stage):
         return False

@@ -464,10 +464,11 @@ class RunConfig(_Strict):
     output_dir: str = "outputs"
     cache_dir: str = Field(default_factory=_default_cache_dir)
     parallel_stages: bool = Field(
-        True, description="main job: build the judges (independent of the models) in a child process with one torch "
-        "thread while pretrain and easpm run beside it with the other cores, when the judges are not cached yet. "
-        "On 2 cores the U-Net gains ~1.3x from a second thread (bench/threads.py), so two one-thread branches side "
-        "by side finish sooner than one after the other. false: every stage in turn, in this process")
+        False, description="main job, first run: build the judges (independent of the models) in a child process "
+        "with one torch thread while pretrain and easpm run beside it on the other cores. Off by default: on 2 cores "
+        "it saved under 3 of 63 minutes, and pretraining at fewer threads trains another (CPU training is "
+        "bit-reproducible per thread count), so the cached base model would depend on whether the judges were "
+        "cached (README); for machines with cores to spare")
     data: DataConfig = DataConfig()
     features: FeatureConfig = FeatureConfig()
     model: GradTTSConfig = GradTTSConfig()

@@ -3,8 +3,8 @@
 Runs the configured stages in order: data → pretrain → easpm → judges → align → evaluate, each
 cached by its config. The config is validated before anything heavy starts; a bad key or value is a
 one-line error and exit code 2 (3: no usable data; 4: the judges built in the background failed).
-On a first run the judges are built in a child process beside pretrain and easpm
-(`parallel_stages`, `rlhf_tts.background_stage`).
+With `parallel_stages=true` a first run builds the judges in a child process beside pretrain and
+easpm (`rlhf_tts.background_stage`).
 """
 
 from __future__ import annotations

@@ -21,6 +21,18 @@ def emotion_energy_reward(request: ScoreRequest) -> ScoreResult:
     return ScoreResult((request.states * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)))
 
 
+def test_align_cache_key_follows_the_resolved_alignment_seed(tmp_path):
+    """`align.seed` unset means the run's seed: the same computation, so the same cached model."""
+    from rlhf_tts.training.align import align_key
+
+    def key(*overrides: str) -> str:
+        return align_key(load_config(None, ["preset=smoke", f"cache_dir={tmp_path}", *overrides]))
+
+    assert key() == key("align.seed=0") != key("align.seed=1")
+    assert key("seed=1") == key("seed=1", "align.seed=1") != key("seed=1", "align.seed=0")
+    assert key("align.lr=2e-5") != key()
+
+
 def test_preference_steps_follow_kappa_and_range():
     assert easpo.preference_steps(20, 0.0, 0.75) == list(range(5, 20))  # κ = 0.25: skip the first 5 of 20
     assert all(0.25 <= easpo.step_times(20)[i] <= 0.75 for i in easpo.preference_steps(20, 0.25, 0.75))

@@ -123,8 +123,9 @@ def align_key(cfg: RunConfig) -> str:
     from rlhf_tts.training.easpm import easpm_location
 
     exclude = {"checkpoint_every", "log_every", "device"}
+    settings = {**cfg.align.model_dump(exclude=exclude), "seed": align_seed(cfg)}  # unset == the run's seed
     return stable_hash(base_model_location(cfg).directory.name, easpm_location(cfg).directory.name,
-                       cfg.align.model_dump(exclude=exclude), cfg.seed, ALIGN_VERSION)
+                       settings, cfg.seed, ALIGN_VERSION)
 
 
 def aligned_model_location(cfg: RunConfig) -> AlignedModel:
