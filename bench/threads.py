@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import os
 import time
 
 
@@ -70,7 +69,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=240, help="utterance length of a sampler call (tiny test mean)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per configuration")
     args = parser.parse_args()
-    cores = len(os.sched_getaffinity(0))
+    from rlhf_tts.background_stage import usable_cores
+
+    cores = usable_cores()
     print(f"{cores} cores; preset {args.preset}; sampler calls at {args.frames} frames; training steps of 8 x 64 frames")
     for kind, unit in (("sampler", "calls/s"), ("train", "steps/s")):
         one = _side_by_side(kind, args.preset, args.frames, 1, 1, args.seconds)

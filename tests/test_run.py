@@ -1,6 +1,7 @@
 """The main job end to end (smoke preset), as a user runs it, and the architecture rules."""
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     import time
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": ""}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "rlhf_tts.run", "preset=smoke", f"output_dir={out}", f"cache_dir={cache}"],
@@ -79,7 +80,7 @@ def test_judges_built_in_the_background_log_into_the_main_jobs_run(tmp_path):
     import mlflow
 
     out, cache = tmp_path / "out", tmp_path / "cache"
-    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": ""}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     command = [sys.executable, "-m", "rlhf_tts.run", "preset=smoke", f"output_dir={out}", f"cache_dir={cache}",
                "parallel_stages=true", "stages=[data,pretrain,judges]"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
