@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=240, help="utterance length of a sampler call (tiny test mean)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measurement window per configuration")
     args = parser.parse_args()
-    from rlhf_tts.background_stage import usable_cores
+    from rlhf_tts.workers import usable_cores
 
     cores = usable_cores()
     print(f"{cores} cores; preset {args.preset}; sampler calls at {args.frames} frames; training steps of 8 x 64 frames")

@@ -24,17 +24,10 @@ import sys
 from pathlib import Path
 
 from rlhf_tts.config import RunConfig
+from rlhf_tts.workers import usable_cores
 
 #: Stages the background judges can run beside (they need the corpus, and nothing the judges build).
 OVERLAPPABLE = ("pretrain", "easpm")
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (its CPU affinity, which a container or `taskset` narrows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def wants_background_judges(cfg: RunConfig, stage: str, done: list[str]) -> bool:
@@ -56,7 +49,7 @@ class BackgroundJudges:
     def __init__(self, cfg: RunConfig, config_file: Path, resume: bool, mlflow_run_id: str | None) -> None:
         self.log_path = Path(cfg.output_dir) / "judges.log"
         command = [sys.executable, "-m", "rlhf_tts.run", "--config", str(config_file), "stages=[judges]",
-                   "judges.threads=1", "parallel_stages=false", "--no-config-copy"]
+                   "judges.threads=1", "judges.workers=1", "parallel_stages=false", "--no-config-copy"]
         if resume:
             command.append("--resume")
         if mlflow_run_id:

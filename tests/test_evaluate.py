@@ -342,7 +342,7 @@ def test_model_synthesis_uses_the_configured_sampler():
     from rlhf_tts.config import load_config
     from rlhf_tts.data.frontend import UNK, SymbolTable
     from rlhf_tts.eval.corpus import EvalUtterance
-    from rlhf_tts.eval.systems import synthesize_utterances, utterance_text_batch
+    from rlhf_tts.eval.systems import synthesize_utterances, utterance_generator, utterance_text_batch
     from rlhf_tts.training.data import Vocabulary
     from test_gradtts import tiny_model
 
@@ -355,21 +355,56 @@ def test_model_synthesis_uses_the_configured_sampler():
 
     def mels(*overrides):
         ev = load_config(None, ["evaluate.sampler_steps=4", *overrides]).evaluate
-        return synthesize_utterances(model, vocab, utterances, ev, features)[0]
+        return synthesize_utterances(model, vocab, utterances, ev, features, workers=1)[0]
 
     sde, sde_again, ode = mels("evaluate.stochastic=true"), mels("evaluate.stochastic=true"), mels()
     assert not load_config(None, []).evaluate.stochastic
     assert all(np.array_equal(sde[u], sde_again[u]) for u in sde)
     assert all(not np.allclose(sde[u], ode[u]) for u in sde)
-    # the ODE path is exactly the model's deterministic sampler, utterance by utterance, one generator
-    generator = torch.Generator().manual_seed(load_config(None, []).evaluate.seed)
-    for u in sorted(utterances, key=lambda u: len(u.row["phonemes"])):
+    # the ODE path is exactly the model's deterministic sampler, utterance by utterance, each with its own noise
+    for u in utterances:
         text = utterance_text_batch([u], [vocab.symbols.ids(u.row["phonemes"])], vocab)
         prior = model.encode(text)
+        generator = utterance_generator(load_config(None, []).evaluate.seed, u.utt_id)
         expected = model.sample(prior, 4, load_config(None, []).evaluate.temperature, False, 1.0,
-                                generator)[0, :, : int(prior.lengths[0])]
+                                [generator])[0, :, : int(prior.lengths[0])]
         assert ode[u.utt_id].shape == tuple(expected.shape)
         assert float(np.abs(ode[u.utt_id] - expected.numpy()).max()) <= 1e-4 * float(np.abs(expected.numpy()).max())
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_an_utterances_sample_does_not_depend_on_batching_workers_or_the_rest_of_the_split(stochastic):
+    """Per-utterance noise: one utterance alone, in a padded batch with others, or synthesised in two
+    one-thread worker processes, comes out the same (up to float rounding across thread counts)."""
+    from rlhf_tts.config import load_config
+    from rlhf_tts.data.frontend import UNK, SymbolTable
+    from rlhf_tts.eval.corpus import EvalUtterance
+    from rlhf_tts.eval.systems import synthesize_utterances
+    from rlhf_tts.training.data import Vocabulary
+    from test_gradtts import tiny_model
+
+    model = tiny_model()
+    vocab = Vocabulary(SymbolTable((UNK, *(f"p{i}" for i in range(1, 40))), 1), ("s0", "s1", "s2"))
+    utterances = [EvalUtterance(f"u{i}", "s1", emotion, "x", np.zeros((80, 30), np.float32), Path("x.wav"), None, None,
+                                {"phonemes": [f"p{3 + j}" for j in range(3 + 2 * i)], "word_spans": [[0, 2], [2, 3]]})
+                  for i, emotion in enumerate(("Sad", "Angry", "Happy", "Neutral"))]
+    features = load_config(None, []).features
+
+    def mels(subset, workers, *overrides):
+        ev = load_config(None, ["evaluate.sampler_steps=3", f"evaluate.stochastic={stochastic}", *overrides]).evaluate
+        return synthesize_utterances(model, vocab, subset, ev, features, workers=workers)[0]
+
+    alone = {u.utt_id: mels([u], 1)[u.utt_id] for u in utterances}
+    batched = mels(utterances, 1, "evaluate.synthesis_batch=4")
+    in_workers = mels(utterances, 2)
+    assert len({a.shape for a in alone.values()}) > 1  # the batch really was padded
+    for name, got in (("batched", batched), ("two workers", in_workers)):
+        assert sorted(got) == sorted(alone), name
+        for utt_id, mel in alone.items():
+            assert got[utt_id].shape == mel.shape, name
+            assert float(np.abs(got[utt_id] - mel).max()) <= 1e-4 * (1 + float(np.abs(mel).max())), (name, utt_id)
+    other_seed = mels(utterances[:1], 1, "evaluate.seed=7")
+    assert not np.allclose(other_seed["u0"], alone["u0"])
 
 
 @pytest.mark.slow
@@ -406,3 +441,59 @@ def test_a_cached_row_is_neither_produced_nor_judged_again_and_reads_back_the_sa
     evaluate_systems([CountingRecordings(cfg.features)], utterances, judges, split="train", resamples=50,
                      cache=SystemCache(tmp_path / "rows", "other judges"))
     assert CountingRecordings.runs == 2
+    # a model row is keyed by the sampler settings (which the shared context leaves out), a worker count is not
+    from rlhf_tts.eval.systems import ModelSystem
+    from rlhf_tts.models.vocoder import GriffinLimVocoder
+    from rlhf_tts.training.pretrain import base_model_location
+
+    def model_key(**evaluate: object) -> str:
+        run_cfg = cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update=evaluate)})
+        return ModelSystem("base model", base_model_location(cfg).directory, run_cfg,
+                           GriffinLimVocoder(cfg.features)).cache_key()
+
+    assert model_key() == model_key(synthesis_workers=3)
+    assert model_key() != model_key(temperature=1.5) and model_key() != model_key(sampler_steps=7)
+
+
+def test_shared_tasks_split_between_the_background_thread_and_the_caller_keep_their_order():
+    """DNSMOS's queue: the background thread starts at the front; once the caller is done with its own
+    work it takes the unstarted calls from the back; results come back in submission order."""
+    import threading
+    import time
+
+    from rlhf_tts.eval.scoring import SharedTasks
+
+    ran_on: dict[int, int] = {}
+
+    def call(i: int) -> int:
+        ran_on[i] = threading.get_ident()
+        time.sleep(0.02)
+        return i * i
+
+    tasks = SharedTasks()
+    for i in range(40):
+        tasks.submit(call, i)
+    time.sleep(0.1)  # the caller's own work: the background thread gets through a few calls meanwhile
+    assert tasks.results() == [i * i for i in range(40)]
+    me = threading.get_ident()
+    mine = sorted(i for i, ident in ran_on.items() if ident == me)
+    theirs = sorted(i for i, ident in ran_on.items() if ident != me)
+    assert len(ran_on) == 40 and mine and theirs
+    assert max(theirs) < min(mine)  # the thread kept the front, the caller took the back
+    assert not tasks.pool._threads or not any(t.is_alive() for t in tasks.pool._threads)
+
+
+def test_row_cache_context_ignores_speed_settings_and_leaves_sampler_settings_to_model_rows(tmp_path):
+    from rlhf_tts.config import load_config
+    from rlhf_tts.eval.evaluate_stage import system_cache
+
+    def context(*overrides: str) -> str:
+        return system_cache(load_config(None, [f"cache_dir={tmp_path}", *overrides]), []).context
+
+    base = context()
+    for same in ("evaluate.synthesis_workers=3", "judges.workers=2", "judges.threads=1", "evaluate.threads=1",
+                 "evaluate.temperature=1.5", "evaluate.sampler_steps=20", "evaluate.synthesis_batch=4"):
+        assert context(same) == base, same
+    for different in ("evaluate.seed=1", "evaluate.bootstrap=500", "evaluate.dnsmos_max_utts=10",
+                      "judges.asr_lm_weight=8"):
+        assert context(different) != base, different

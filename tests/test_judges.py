@@ -224,6 +224,10 @@ def test_rewritten_acoustic_model_loads_and_adaptation_runs(recogniser, tmp_path
     adapted = read_gauden(tmp_path / "adapted" / "means")
     assert not np.array_equal(adapted, read_gauden(stock / "means"))
     assert PocketSphinxRecognizer(lm, acoustic_model=tmp_path / "adapted").transcribe(clips[:1], rate)[0]
+    # aligned in two worker processes (several chunks), accumulated in clip order: the same model, bit for bit
+    in_workers = adapt(stock, tmp_path / "adapted2", lm.dictionary, pairs, tau=10.0, iterations=1, workers=2)
+    assert in_workers == summary
+    assert np.array_equal(read_gauden(tmp_path / "adapted2" / "means"), adapted)
     shutil.rmtree(tmp_path / "adapted")
 
 

@@ -591,6 +591,7 @@ def build_domain_asr(cfg, progress=None) -> DomainASR:  # noqa: ANN001 - RunConf
     from rlhf_tts.data.manifest import corpus_root, read_manifest
     from rlhf_tts.data.pipeline import dataset_location
     from rlhf_tts.eval.asr_adapt import adapt
+    from rlhf_tts.workers import resolve_workers
 
     location = domain_asr_location(cfg)
     if location.exists():
@@ -620,7 +621,8 @@ def build_domain_asr(cfg, progress=None) -> DomainASR:  # noqa: ANN001 - RunConf
                 continue
             clips.append((prepare_for_asr(audio, ASR_SAMPLE_RATE, jc.asr_noise_floor_db), normalize_transcript(r["text"])))
         info["adaptation"] = adapt(default_acoustic_model(), tmp / "acoustic", lm.dictionary, clips,
-                                   jc.asr_adapt_tau, jc.asr_adapt_iterations, progress=progress)
+                                   jc.asr_adapt_tau, jc.asr_adapt_iterations, progress=progress,
+                                   workers=resolve_workers(jc.workers, "cpu"))
     info["seconds"] = round(time.monotonic() - started, 1)
     (tmp / "asr.json").write_text(json.dumps(info, indent=1))
     shutil.rmtree(location.directory, ignore_errors=True)

@@ -139,11 +139,16 @@ def system_cache(cfg: RunConfig, utterances: list) -> "SystemCache":  # noqa: F8
     from rlhf_tts.data.pipeline import dataset_location
     from rlhf_tts.eval.judges_stage import checks_key
     from rlhf_tts.eval.system_cache import SystemCache
+    from rlhf_tts.eval.systems import MODEL_SAMPLER_FIELDS
 
     dataset, _ = dataset_location(cfg)
+    # What does not change a row (threads, workers, which rows run) stays out; the sampler settings key the
+    # model rows alone (`ModelSystem.cache_key`). The seed stays: it also seeds every row's bootstrap.
     settings = cfg.evaluate.model_dump(mode="json", exclude={"systems", "degraded", "include_recordings", "threads",
-                                                              "max_utts", "reuse_rows"})
-    context = stable_hash(dataset.directory.name, checks_key(cfg), cfg.judges.model_dump(mode="json"), settings,
+                                                              "max_utts", "reuse_rows", "synthesis_workers",
+                                                              *(set(MODEL_SAMPLER_FIELDS) - {"seed"})})
+    judges = cfg.judges.model_dump(mode="json", exclude={"threads", "workers"})  # how fast, not what they say
+    context = stable_hash(dataset.directory.name, checks_key(cfg), judges, settings,
                           cfg.features.model_dump(mode="json"), [u.utt_id for u in utterances])
     return SystemCache(Path(cfg.cache_dir) / "evaluate" / "systems", context)
 

@@ -38,8 +38,9 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
                     stochastic: bool, seed: int, batch: int = 8) -> dict[float, dict[str, float]]:
     """Per report time t: EASPM accuracy, mean target log-probability and mean target score over the
     utterances' states after the sampler step that ends at t (t = 1: the initial state)."""
-    from rlhf_tts.eval.systems import _length_order, utterance_text_batch
+    from rlhf_tts.eval.systems import _length_order, utterance_generator, utterance_text_batch
     from rlhf_tts.models.gradtts import diffusion
+    from rlhf_tts.models.gradtts.model import item_noise
 
     prompts = easpm.embed_prompts(easpm.default_prompts())
     emotion_index = {e: i for i, e in enumerate(easpm.emotions)}
@@ -47,14 +48,16 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
     wanted = {round(1.0 - i * h, 6): i for i in range(steps + 1)}
     times = [t for t in REPORT_TIMES if round(t, 6) in wanted]
     hits: dict[float, list] = {t: [] for t in times}
-    generator = torch.Generator().manual_seed(seed)
     ids = [vocab.symbols.ids(list(u.row["phonemes"])) for u in utterances]
     for index in _length_order([len(i) for i in ids], batch):
         items = [utterances[i] for i in index]
         text = utterance_text_batch(items, [ids[i] for i in index], vocab, word_spans=False)
         prior = model.encode(text)
         targets = torch.tensor([emotion_index[u.emotion] for u in items])
-        x = model.initial_state(prior, temperature, generator)
+        # Each utterance's own noise, as the evaluation draws it: with the ODE and the report's step count these
+        # are the states the report judged (up to float rounding: this batches 8, padded).
+        generators = [utterance_generator(seed, u.utt_id) for u in items]
+        x = model.initial_state(prior, temperature, generators)
 
         def look(t: float) -> None:
             audio = easpm.embed_audio(x * prior.mask, prior.mask, torch.full((len(items),), t))
@@ -69,7 +72,7 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
             t = 1.0 - (i + 0.5) * h
             if stochastic:
                 mean, variance = model.reverse_step_mean(x, t, h, prior)
-                x = (mean + torch.sqrt(variance) * torch.randn(x.shape, generator=generator)) * prior.mask
+                x = (mean + torch.sqrt(variance) * item_noise(x, prior.lengths, generators)) * prior.mask
             else:
                 score = model.score(x, t, prior)
                 x = diffusion.ode_step(x, prior.mu, score, t, h, model.cfg.beta_min, model.cfg.beta_max) * prior.mask

@@ -35,6 +35,11 @@ from rlhf_tts.eval.corpus import EvalUtterance
 ProgressFn = Callable[..., None]
 
 RESYNTHESIS = "ground-truth resynthesis"
+SYNTHESIS_VERSION = 2  # 2: per-utterance sampling noise (`utterance_generator`)
+#: `evaluate.*` fields that change what a model system synthesises (and nothing else's row): they key model
+#: rows only, so that e.g. another temperature does not recompute the recordings' and resynthesis rows.
+MODEL_SAMPLER_FIELDS = ("sampler_steps", "temperature", "guidance", "stochastic", "durations", "synthesis_batch",
+                        "seed")
 RECORDINGS = "recordings"
 
 
@@ -278,8 +283,8 @@ class ModelSystem:
         self.directory = path
 
     def cache_key(self) -> str | None:
-        """The model's folder, its final weights (path, size, mtime) and training state; the sampler
-        settings are in the cache context (`evaluate.*`)."""
+        """The model's folder, its final weights (path, size, mtime), training state and sampler settings
+        (`MODEL_SAMPLER_FIELDS`)."""
         from rlhf_tts.eval.system_cache import file_identity
 
         vocoder = vocoder_key(self.vocoder)
@@ -287,7 +292,9 @@ class ModelSystem:
         if vocoder is None or weights is None:
             return None
         state = (self.directory / "final" / "state.json").read_text()
-        return str(("model", str(self.directory.resolve()), weights, state, vocoder, str(self.device)))
+        sampler = self.cfg.evaluate.model_dump(mode="json", include=set(MODEL_SAMPLER_FIELDS))
+        return str(("model", str(self.directory.resolve()), weights, state, vocoder, str(self.device), sampler,
+                    SYNTHESIS_VERSION))
 
     def run(self, utterances: Sequence[EvalUtterance], progress: ProgressFn | None = None) -> SystemRun:
         ev, features = self.cfg.evaluate, self.cfg.features
@@ -314,42 +321,92 @@ def utterance_text_batch(items: Sequence[EvalUtterance], ids: Sequence[list[int]
                      [[tuple(s) for s in u.row["word_spans"]] for u in items] if word_spans else None)
 
 
+def utterance_generator(seed: int, utt_id: str, device: str | torch.device = "cpu") -> torch.Generator:
+    """The sampling noise of one utterance: a function of (seed, utterance), so a model speaks it the
+    same way in any batch, any worker and any subset of the split."""
+    from rlhf_tts.config import stable_hash
+
+    return torch.Generator(device=device).manual_seed(int(stable_hash(seed, "utterance", utt_id, length=15), 16))
+
+
 @torch.no_grad()
+def _synthesize_batch(model, vocab, items: Sequence[EvalUtterance], ids: Sequence[list[int]], ev,  # noqa: ANN001
+                      features: FeatureConfig, device: torch.device) -> list[tuple[str, np.ndarray, list | None]]:
+    """(utt_id, mel, word frame spans) of one padded batch of utterances."""
+    text = utterance_text_batch(items, ids, vocab).to(device)
+    durations = None
+    if ev.durations == "ground_truth":
+        n = max(u.n_frames for u in items)
+        mel = torch.zeros(len(items), features.n_mels, n, device=device)
+        for row, u in enumerate(items):
+            mel[row, :, : u.n_frames] = torch.from_numpy(u.mel)
+        durations = model.ground_truth_durations(text, mel, torch.tensor([u.n_frames for u in items], device=device))
+    prior = model.encode(text, durations=durations)
+    generators = [utterance_generator(ev.seed, u.utt_id, device) for u in items]
+    sampled = model.sample(prior, ev.sampler_steps, ev.temperature, ev.stochastic, ev.guidance, generators)
+    return [(u.utt_id, sampled[row, :, : int(prior.lengths[row])].cpu().numpy(),
+             prior.word_frame_spans[row] if prior.word_frame_spans else None) for row, u in enumerate(items)]
+
+
+def _start_synthesis_worker(model, vocab, ev, features: FeatureConfig) -> None:  # noqa: ANN001
+    from rlhf_tts.workers import worker_state
+
+    worker_state().update(model=model.eval(), vocab=vocab, ev=ev, features=features)
+
+
+def _synthesize_in_worker(items: Sequence[EvalUtterance],
+                          ids: Sequence[list[int]]) -> list[tuple[str, np.ndarray, list | None]]:
+    from rlhf_tts.workers import worker_state
+
+    state = worker_state()
+    return _synthesize_batch(state["model"], state["vocab"], items, ids, state["ev"], state["features"],
+                             torch.device("cpu"))
+
+
 def synthesize_utterances(model, vocab, utterances: Sequence[EvalUtterance], ev, features: FeatureConfig,  # noqa: ANN001
                           device: str | torch.device = "cpu", progress: ProgressFn | None = None,
-                          label: str = "synthesise") -> tuple[dict[str, np.ndarray], dict[str, list | None], dict[str, str]]:
+                          label: str = "synthesise", workers: int | None = None,
+                          ) -> tuple[dict[str, np.ndarray], dict[str, list | None], dict[str, str]]:
     """Mels (and word frame spans) of `model` for each utterance's phonemes, speaker and emotion.
 
-    `ev` is an `EvaluateConfig` (steps, sampler, temperature, guidance, durations, batch size, seed).
+    `ev` is an `EvaluateConfig` (steps, sampler, temperature, guidance, durations, batch size, seed,
+    workers). Each utterance's noise is its own (`utterance_generator`), so the result does not depend
+    on batching or on how the work is split. On CPU the batches go to `evaluate.synthesis_workers`
+    one-thread processes (`workers` overrides; 1 = in this process, with its torch threads).
     Returns (mels, spans, missing) keyed by utt_id; an utterance whose speaker the model does not
     know is listed in `missing` rather than spoken by someone else.
     """
+    from rlhf_tts.workers import resolve_workers, worker_pool
+
     device = torch.device(device)
     missing = {u.utt_id: f"speaker {u.speaker} unknown to the model" for u in utterances if u.speaker not in vocab.speakers}
     usable = [u for u in utterances if u.utt_id not in missing]
     ids = [vocab.symbols.ids(list(u.row["phonemes"])) for u in usable]
-    generator = torch.Generator(device=device).manual_seed(ev.seed)
     mels: dict[str, np.ndarray] = {}
     spans: dict[str, list | None] = {}
-    done = 0
-    for index in _length_order([len(i) for i in ids], synthesis_batch(ev.synthesis_batch, device)):
-        items = [usable[i] for i in index]
-        text = utterance_text_batch(items, [ids[i] for i in index], vocab).to(device)
-        durations = None
-        if ev.durations == "ground_truth":
-            n = max(u.n_frames for u in items)
-            mel = torch.zeros(len(items), features.n_mels, n, device=device)
-            for row, u in enumerate(items):
-                mel[row, :, : u.n_frames] = torch.from_numpy(u.mel)
-            durations = model.ground_truth_durations(text, mel, torch.tensor([u.n_frames for u in items], device=device))
-        prior = model.encode(text, durations=durations)
-        sampled = model.sample(prior, ev.sampler_steps, ev.temperature, ev.stochastic, ev.guidance, generator)
-        for row, u in enumerate(items):
-            n = int(prior.lengths[row])
-            mels[u.utt_id] = sampled[row, :, :n].cpu().numpy()
-            spans[u.utt_id] = prior.word_frame_spans[row] if prior.word_frame_spans else None
-        done += len(index)
-        _report(progress, label, done, len(usable))
+    batches = _length_order([len(i) for i in ids], synthesis_batch(ev.synthesis_batch, device))
+    n_workers = min(len(batches), workers or resolve_workers(ev.synthesis_workers, device))
+    if device.type != "cpu":
+        n_workers = 1  # worker processes are a CPU remedy; an accelerator batches instead
+
+    def collect(results: list[tuple[str, np.ndarray, list | None]]) -> None:
+        for utt_id, mel, span in results:
+            mels[utt_id], spans[utt_id] = mel, span
+        _report(progress, label, len(mels), len(usable))
+
+    if n_workers <= 1:
+        for index in batches:
+            collect(_synthesize_batch(model, vocab, [usable[i] for i in index], [ids[i] for i in index], ev, features,
+                                      device))
+        return mels, spans, missing
+    from concurrent.futures import as_completed
+
+    with worker_pool(n_workers, _start_synthesis_worker, (model.cpu(), vocab, ev, features)) as pool:
+        # Longest first, so that the last tasks to finish are short ones.
+        futures = [pool.submit(_synthesize_in_worker, [usable[i] for i in index], [ids[i] for i in index])
+                   for index in reversed(batches)]
+        for future in as_completed(futures):
+            collect(future.result())
     return mels, spans, missing
 
 

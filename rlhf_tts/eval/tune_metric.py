@@ -56,7 +56,9 @@ def policy_emotion_metrics(cfg: RunConfig, policy: Any, vocab: Any, n_utterances
     was_training = policy.training
     policy.eval()
     try:
-        mels, _, _ = synthesize_utterances(policy, vocab, utterances, cfg.evaluate, cfg.features, device)
+        # In process (workers=1): a Tune trial runs inside its own CPU allotment, which worker processes
+        # sized by the node's cores would overrun.
+        mels, _, _ = synthesize_utterances(policy, vocab, utterances, cfg.evaluate, cfg.features, device, workers=1)
     finally:
         policy.train(was_training)
     vocoder = GriffinLimVocoder(cfg.features)

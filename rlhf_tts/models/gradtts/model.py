@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Sequence, Union
 
 import torch
 from torch import nn
@@ -65,6 +66,28 @@ def word_frame_spans(word_spans: list[list[tuple[int, int]]], durations: Tensor)
         starts = torch.cat([torch.zeros(1, dtype=torch.long), dur.cumsum(0)])
         out.append([(int(starts[a]), int(starts[b])) for a, b in spans])
     return out
+
+
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def item_noise(like: Tensor, lengths: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    """Standard normal noise shaped like `like` (B, n_feats, T), item b drawn from `generators[b]` over
+    its own `lengths[b]` frames (zeros beyond). Drawn frame-major, so an item's values do not depend
+    on the padded batch length: the same utterance gets the same noise alone or in any batch."""
+    if len(generators) != like.shape[0]:
+        raise ValueError(f"{len(generators)} generators for a batch of {like.shape[0]}")
+    out = torch.zeros_like(like)
+    for row, g in enumerate(generators):
+        n = int(lengths[row])
+        out[row, :, :n] = torch.randn(n, like.shape[1], generator=g, device=like.device, dtype=like.dtype).T
+    return out
+
+
+def _noise(prior: Prior, generator: Generators) -> Tensor:
+    if isinstance(generator, (list, tuple)):
+        return item_noise(prior.mu, prior.lengths, generator)
+    return torch.randn(prior.mu.shape, generator=generator, device=prior.mu.device, dtype=prior.mu.dtype)
 
 
 def alignment_from_durations(durations: Tensor, text_mask: Tensor, n_frames: int) -> Tensor:
@@ -168,25 +191,28 @@ class GradTTS(nn.Module):
         score = self.score(x_t, t, prior, guidance)
         return diffusion.x0_estimate(x_t, prior.mu, score, t, self.cfg.beta_min, self.cfg.beta_max) * prior.mask
 
-    def initial_state(self, prior: Prior, temperature: float = 1.5, generator: torch.Generator | None = None) -> Tensor:
+    def initial_state(self, prior: Prior, temperature: float = 1.5, generator: Generators = None) -> Tensor:
         """X_1 ~ N(mu, I / temperature)."""
-        noise = torch.randn(prior.mu.shape, generator=generator, device=prior.mu.device, dtype=prior.mu.dtype)
+        noise = _noise(prior, generator)
         return (prior.mu + noise / temperature) * prior.mask
 
     @torch.no_grad()
     def sample(
         self, prior: Prior, n_steps: int, temperature: float = 1.5, stochastic: bool = False,
-        guidance: float = 1.0, generator: torch.Generator | None = None,
+        guidance: float = 1.0, generator: Generators = None,
     ) -> Tensor:
-        """Reverse diffusion from X_1 in n_steps at midpoints t_i = 1 - (i + 0.5) h (Grad-TTS)."""
+        """Reverse diffusion from X_1 in n_steps at midpoints t_i = 1 - (i + 0.5) h (Grad-TTS).
+
+        `generator` may be one generator per batch item: then each item's noise is its own (see
+        `item_noise`) and its sample does not depend on what it is batched with, or on batch order.
+        """
         h = 1.0 / n_steps
         x = self.initial_state(prior, temperature, generator)
         for i in range(n_steps):
             t = 1.0 - (i + 0.5) * h
             if stochastic:
                 mean, variance = self.reverse_step_mean(x, t, h, prior, guidance)
-                noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = (mean + torch.sqrt(variance) * noise) * prior.mask
+                x = (mean + torch.sqrt(variance) * _noise(prior, generator)) * prior.mask
             else:
                 score = self.score(x, t, prior, guidance)
                 x = diffusion.ode_step(x, prior.mu, score, t, h, self.cfg.beta_min, self.cfg.beta_max) * prior.mask
