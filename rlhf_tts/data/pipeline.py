@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -111,17 +109,13 @@ def _process(args: tuple[UtteranceRecord, DataConfig, FeatureConfig]) -> dict[st
     }
 
 
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
 def _map(items: list, workers: int) -> Iterator[dict[str, Any]]:
     if workers <= 1 or len(items) < 500:  # below this, starting workers (torch import) costs more
         yield from map(_process, items)
         return
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker) as pool:
+    from rlhf_tts.workers import worker_pool
+
+    with worker_pool(workers) as pool:
         yield from pool.map(_process, items, chunksize=16)
 
 

@@ -385,9 +385,10 @@ def synthesize_utterances(model, vocab, utterances: Sequence[EvalUtterance], ev,
     mels: dict[str, np.ndarray] = {}
     spans: dict[str, list | None] = {}
     batches = _length_order([len(i) for i in ids], synthesis_batch(ev.synthesis_batch, device))
-    n_workers = min(len(batches), workers or resolve_workers(ev.synthesis_workers, device))
-    if device.type != "cpu":
-        n_workers = 1  # worker processes are a CPU remedy; an accelerator batches instead
+    # Worker processes are a CPU remedy; an accelerator batches in this process instead.
+    n_workers = 1
+    if device.type == "cpu":
+        n_workers = min(len(batches), workers or resolve_workers(ev.synthesis_workers, device))
 
     def collect(results: list[tuple[str, np.ndarray, list | None]]) -> None:
         for utt_id, mel, span in results:
