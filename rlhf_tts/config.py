@@ -169,6 +169,10 @@ class PretrainConfig(_Strict):
     sample_every: int = Field(1000, ge=1, description="log sample mels and audio per emotion to MLflow")
     sample_steps: int = Field(20, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    data_parallel: int = Field(
+        1, ge=1, description="CPU training ranks (one-thread processes, each a share of every batch, gradients "
+        "summed; rlhf_tts/training/data_parallel.py), at most batch_size. Ranks > 1 train another model "
+        "(their own noise draws), keyed apart. Ignored on CUDA")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
 
@@ -224,6 +228,8 @@ class EASPMConfig(_Strict):
     checkpoint_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 = all cores")
+    data_parallel: int = Field(
+        1, ge=1, description="CPU training ranks, at most batch_pairs (see pretrain.data_parallel)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
 
     @model_validator(mode="after")
@@ -339,6 +345,9 @@ class AlignConfig(_Strict):
     checkpoint_every: int = Field(20, ge=1)
     log_every: int = Field(5, ge=1)
     split: Literal["train", "val", "test"] = Field("train", description="where rollout prompts come from")
+    prompt_emotions: Literal["iid", "balanced"] = Field(
+        "iid", description="target emotions of rollout prompts: iid (uniform, independent) or balanced (shuffled "
+        "decks, each emotion once per len(emotions) trajectories; on the tiny preset no better over three seeds)")
     seed: int | None = Field(None, description="alignment seed (prompt order, rollout noise, learner crops); None: "
                              "the run's `seed`. A second alignment seed reuses the corpus and every model before it")
     reward: Literal["score", "log_softmax"] = Field(
@@ -623,6 +632,36 @@ def load_config(config_file: str | os.PathLike[str] | None = None, overrides: li
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
+
+
+def stored_config(data: dict[str, Any], model: type[BaseModel] | None = None) -> tuple[Any, list[str]]:
+    """A config saved beside a model by this or another version of rlhf_tts: keys this version does
+    not know are dropped (and returned, dotted) instead of failing, so a model folder stays loadable
+    across versions; keys it lacks take today's defaults. User input never goes through this:
+    `load_config` keeps rejecting unknown keys."""
+    model = model or RunConfig
+    dropped: list[str] = []
+
+    def known(schema: type[BaseModel], values: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in values.items():
+            field = schema.model_fields.get(key)
+            if field is None:
+                dropped.append(prefix + key)
+                continue
+            inner = field.annotation
+            if isinstance(value, dict) and isinstance(inner, type) and issubclass(inner, BaseModel):
+                value = known(inner, value, f"{prefix}{key}.")
+            out[key] = value
+        return out
+
+    settings = model.model_validate(known(model, data, ""))
+    if dropped:
+        import warnings
+
+        warnings.warn(f"a stored {model.__name__} has settings this version does not know, ignored: "
+                      f"{', '.join(dropped)}", stacklevel=2)
+    return settings, dropped
 
 
 def to_yaml(cfg: BaseModel) -> str:

@@ -51,19 +51,36 @@ def progress_bar(console: Console) -> Progress:
 
 
 class StageProgress:
-    """Adapts the stages' `(label, done, total)` callbacks to one rich bar per label."""
+    """Adapts the stages' `(label, done, total)` callbacks to one rich bar per label.
 
-    def __init__(self, progress: Progress) -> None:
+    Rich draws nothing on a console that is not a terminal (a redirected log, `ray job submit`'s job
+    log) until the bar stops, so a long stage would look stalled there: on such a console a plain
+    line per label is printed every `plain_every_s` seconds and when the label completes."""
+
+    def __init__(self, progress: Progress, plain_every_s: float = 60.0) -> None:
         self.progress = progress
         self.tasks: dict[str, tuple[TaskID, float, int]] = {}
+        self.plain = not progress.console.is_terminal
+        self.plain_every_s = plain_every_s
+        self.last_plain: dict[str, float] = {}
 
     def __call__(self, label: str, done: int, total: int, info: str = "") -> None:
+        now = time.monotonic()
         if label not in self.tasks:
             # A resumed stage starts part-way: the rate counts only this run's work.
-            self.tasks[label] = (self.progress.add_task(label, total=total, rate="", info=""), time.monotonic(), done)
+            self.tasks[label] = (self.progress.add_task(label, total=total, rate="", info=""), now, done)
+            self.last_plain[label] = now
         task, start, first = self.tasks[label]
-        elapsed = max(time.monotonic() - start, 1e-6)
-        self.progress.update(task, completed=done, total=total, rate=f"{(done - first) / elapsed:.2f}/s", info=info)
+        elapsed = max(now - start, 1e-6)
+        rate = (done - first) / elapsed
+        self.progress.update(task, completed=done, total=total, rate=f"{rate:.2f}/s", info=info)
+        finished = done >= total
+        if self.plain and (finished or now - self.last_plain[label] >= self.plain_every_s) \
+                and self.last_plain[label] != float("inf"):
+            self.last_plain[label] = float("inf") if finished else now
+            eta = f", ETA {(total - done) / rate:.0f} s" if 0 < done < total and rate > 0 else ""
+            self.progress.console.print(f"{label}: {done}/{total} ({rate:.2f}/s, {elapsed:.0f} s{eta})"
+                                        + (f" {info}" if info else ""), markup=False, highlight=False)
 
 
 def run_data_stage(cfg: RunConfig, console: Console, tracker, resume: bool = False) -> dict:  # noqa: ANN001

@@ -87,3 +87,21 @@ def test_stable_hash_is_stable_and_sensitive():
     assert stable_hash(a.features) != stable_hash(load_config(None, ["features.n_mels=64"]).features)
     # A known value: the hash must not depend on the Python process (no hash randomisation).
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1}) == "855ad4970147"  # sha256(b'[{"a":1,"b":[1,2]}]')
+
+
+def test_a_config_stored_by_another_version_loads_without_its_unknown_keys():
+    from rlhf_tts.config import EASPMConfig, stored_config
+
+    saved = load_config(None, ["preset=smoke", "pretrain.steps=7"]).model_dump(mode="json")
+    saved["judges"]["retired_option"] = 3  # a key an older or newer version wrote
+    saved["gone"] = {"x": 1}
+    del saved["pretrain"]["data_parallel"]  # a key this version added since
+    with pytest.warns(UserWarning, match="judges.retired_option"):
+        cfg, dropped = stored_config(saved)
+    assert sorted(dropped) == ["gone", "judges.retired_option"]
+    assert cfg.pretrain.steps == 7 and cfg.pretrain.data_parallel == 1 and cfg.model.decoder_dim == 8
+    with pytest.warns(UserWarning, match="EASPMConfig"):
+        easpm, dropped = stored_config({"dim": 16, "old": True}, EASPMConfig)
+    assert easpm.dim == 16 and dropped == ["old"]
+    with pytest.raises(ConfigError):  # what a user types is still checked strictly
+        load_config(None, ["judges.retired_option=3"])

@@ -353,7 +353,13 @@ def test_reward_view_reports_easpm_along_each_models_sampling_path(smoke_base, t
     assert views["base"]["by_t"] == views["again"]["by_t"]  # same weights, same seed: the same path
     for row in views["base"]["by_t"].values():
         assert row["n"] == 6 and 0.0 <= row["accuracy"] <= 1.0 and row["log_prob"] <= 0.0
-    assert "base: accuracy" in capsys.readouterr().out
+        # The per-emotion rows split the same utterances: counts add up and their weighted means are the overall.
+        parts = row["by_emotion"].values()
+        assert sum(p["n"] for p in parts) == 6
+        for key in ("accuracy", "log_prob", "score"):
+            assert sum(p[key] * p["n"] for p in parts) / 6 == pytest.approx(row[key], abs=1e-5)
+    printed = capsys.readouterr().out
+    assert "base: accuracy" in printed and "Per target emotion" in printed
     assert main(["--model", f"bad={tmp_path}", *args]) == 2  # not a model folder: one-line error
 
 

@@ -30,7 +30,32 @@ def test_align_cache_key_follows_the_resolved_alignment_seed(tmp_path):
 
     assert key() == key("align.seed=0") != key("align.seed=1")
     assert key("seed=1") == key("seed=1", "align.seed=1") != key("seed=1", "align.seed=0")
-    assert key("align.lr=2e-5") != key()
+    assert key("align.lr=2e-5") != key() != key("align.prompt_emotions=balanced")
+    assert key() == key("align.prompt_emotions=iid")
+
+
+def test_balanced_prompts_give_every_emotion_one_trajectory_per_deck():
+    import collections
+
+    from rlhf_tts.training.align import PromptSampler
+
+    class Names:
+        emotions, speakers = ("Neutral", "Angry", "Happy", "Sad", "Surprise"), ("spk",)
+
+    rows = [{"speaker": "spk", "utt_id": f"u{i}", "phonemes": [], "word_spans": []} for i in range(3)]
+    balanced, iid = PromptSampler(rows, Names, 4, seed=1, emotions="balanced"), PromptSampler(rows, Names, 4, seed=1)
+
+    def counts(sampler: PromptSampler, n: int) -> collections.Counter:
+        return collections.Counter(e for i in range(n) for e in sampler.target_emotions(
+            i, torch.Generator().manual_seed(i)).tolist())
+
+    assert set(counts(balanced, 60).values()) == {48}  # 240 trajectories: 48 of each emotion, for any seed
+    deals = torch.cat([balanced.target_emotions(i, torch.Generator()) for i in range(5)])
+    for deck in deals.view(4, 5):  # every 5 consecutive trajectories hold each emotion once
+        assert sorted(deck.tolist()) == [0, 1, 2, 3, 4]
+    assert not torch.equal(deals.view(4, 5)[0], deals.view(4, 5)[1])  # shuffled per deck
+    assert torch.equal(balanced.target_emotions(7, torch.Generator()), balanced.target_emotions(7, torch.Generator()))
+    assert len(set(counts(iid, 60).values())) > 1  # the independent draw is not balanced (seed 1: 40 … 56)
 
 
 def test_preference_steps_follow_kappa_and_range():

@@ -140,6 +140,37 @@ def test_failed_background_judges_report_the_log_and_fail_the_job(tmp_path):
     assert foreground_threads(2, background) == 2  # the child is gone: every core back
 
 
+def test_progress_prints_plain_lines_where_no_terminal_shows_the_bars():
+    import io
+
+    from rich.console import Console
+
+    from rlhf_tts.run import StageProgress, progress_bar
+
+    log = io.StringIO()
+    with progress_bar(Console(file=log, width=200)) as bars:  # a redirected log: not a terminal
+        report = StageProgress(bars, plain_every_s=0.0)
+        for done in range(1, 5):
+            report("pretrain Grad-TTS", done, 4, info=f"loss {done}")
+        report("pretrain Grad-TTS", 4, 4)  # a repeated final call prints nothing more
+    lines = [line for line in log.getvalue().splitlines() if line.startswith("pretrain Grad-TTS:")]
+    assert [line.split(" (")[0] for line in lines] == [f"pretrain Grad-TTS: {d}/4" for d in range(1, 5)]
+    assert lines[1].endswith("loss 2") and "ETA" in lines[1] and "ETA" not in lines[-1]
+
+    quiet = io.StringIO()
+    with progress_bar(Console(file=quiet, width=200)) as bars:
+        report = StageProgress(bars, plain_every_s=3600.0)
+        for done in range(1, 5):
+            report("align", done, 4)
+    assert [line.split(" (")[0] for line in quiet.getvalue().splitlines() if line.startswith("align:")] == [
+        "align: 4/4"]  # within the interval only the completion is printed
+
+    terminal = io.StringIO()
+    with progress_bar(Console(file=terminal, width=200, force_terminal=True)) as bars:
+        StageProgress(bars, plain_every_s=0.0)("evaluate", 1, 2)
+    assert "evaluate: 1/2" not in terminal.getvalue()  # the bar shows it there
+
+
 def test_cli_bad_value_exit_code_2():
     result = subprocess.run([sys.executable, "-m", "rlhf_tts.run", "data.synthetic.n_speakers=-1"],
                             capture_output=True, text=True, timeout=120)

@@ -64,7 +64,7 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
             logits = easpm.logits(audio, prompts)
             target = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
             hits[t].append(torch.stack([(logits.argmax(1) == targets).float(), target - logits.logsumexp(1),
-                                        target], 1))
+                                        target, targets.float()], 1))
 
         if 1.0 in hits:
             look(1.0)
@@ -82,9 +82,15 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
     out = {}
     for t, parts in hits.items():
         values = torch.cat(parts).numpy()
-        out[t] = {"accuracy": float(values[:, 0].mean()), "log_prob": float(values[:, 1].mean()),
-                  "score": float(values[:, 2].mean()), "n": int(len(values))}
+        out[t] = _summary(values) | {"by_emotion": {
+            e: _summary(values[values[:, 3] == i]) for i, e in enumerate(easpm.emotions) if (values[:, 3] == i).any()}}
     return out
+
+
+def _summary(values: np.ndarray) -> dict[str, float]:
+    """Accuracy, mean target log-probability and mean target score of rows (hit, log p, S, target)."""
+    return {"accuracy": float(values[:, 0].mean()), "log_prob": float(values[:, 1].mean()),
+            "score": float(values[:, 2].mean()), "n": int(len(values))}
 
 
 def reward_view(cfg: RunConfig, models: dict[str, str] | None, split: str, max_utts: int, steps: int,
@@ -139,6 +145,17 @@ def report_markdown(result: dict) -> str:
             v = result["models"][n]["by_t"][t]
             cells += [f"{v['accuracy']:.0%}", f"{v['log_prob']:.2f}", f"{v['score']:.2f}"]
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    emotions = list(next(iter(result["models"][names[0]]["by_t"].values()))["by_emotion"])
+    lines += ["", "## Per target emotion: accuracy / target log-probability\n",
+              "The judge's per-emotion tables in the evaluation report are the other side: an emotion whose reward "
+              "rises here while its judged recall does not is one the policy learned to please EASPM on.\n",
+              "| model | t | " + " | ".join(emotions) + " |", "|---|---:|" + "---:|" * len(emotions)]
+    for n in names:
+        for t in times:
+            by_emotion = result["models"][n]["by_t"][t]["by_emotion"]
+            lines.append(f"| {n} | {t} | " + " | ".join(
+                f"{by_emotion[e]['accuracy']:.0%} / {by_emotion[e]['log_prob']:.2f}" if e in by_emotion else "–"
+                for e in emotions) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -34,20 +34,35 @@ ProgressFn = Callable[..., None]
 class PromptSampler:
     """Rollout prompts: (sentence, target emotion, speaker) drawn deterministically per rollout index.
 
-    Target emotions are uniform over all emotions (Neutral included: EASPM scores it like the
-    others); sentences come from the configured split of the manifest, with their phonemes.
+    Target emotions cover all emotions (Neutral included: EASPM scores it like the others):
+    `balanced` deals them from shuffled decks of one card per emotion, so every run of
+    len(emotions) consecutive trajectories holds each emotion once; `iid` draws each independently
+    (60 updates of 4 then give one emotion 40 trajectories and another 56). Sentences come from the
+    configured split of the manifest, with their phonemes.
     """
 
-    def __init__(self, rows: list[dict], vocab: Vocabulary, batch_size: int, seed: int) -> None:
+    def __init__(self, rows: list[dict], vocab: Vocabulary, batch_size: int, seed: int,
+                 emotions: str = "iid") -> None:
         self.rows = sorted((r for r in rows if r["speaker"] in vocab.speakers), key=lambda r: r["utt_id"])
         if not self.rows:
             raise ValueError("no prompts: the split has no utterances of the model's speakers")
-        self.vocab, self.batch_size, self.seed = vocab, batch_size, seed
+        self.vocab, self.batch_size, self.seed, self.emotions = vocab, batch_size, seed, emotions
+
+    def target_emotions(self, index: int, g: torch.Generator) -> torch.Tensor:
+        """The target emotions of rollout `index`: a pure function of (seed, index), so any actor can
+        redo a lost rollout; `balanced` reads trajectory positions index·B … index·B + B - 1 of the decks."""
+        n = len(self.vocab.emotions)
+        if self.emotions == "iid":
+            return torch.randint(n, (self.batch_size,), generator=g)
+        positions = range(index * self.batch_size, (index + 1) * self.batch_size)
+        decks = {p // n: torch.randperm(n, generator=torch.Generator().manual_seed(
+            stable_int(self.seed, "emotion deck", p // n))) for p in positions}
+        return torch.stack([decks[p // n][p % n] for p in positions])
 
     def batch(self, index: int) -> tuple[TextBatch, list[str]]:
         g = torch.Generator().manual_seed(stable_int(self.seed, "prompts", index))
         picks = torch.randint(len(self.rows), (self.batch_size,), generator=g).tolist()
-        emotions = torch.randint(len(self.vocab.emotions), (self.batch_size,), generator=g)
+        emotions = self.target_emotions(index, g)
         rows = [self.rows[i] for i in picks]
         ids = [self.vocab.symbols.ids(r["phonemes"]) for r in rows]
         padded = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
@@ -123,6 +138,8 @@ def align_key(cfg: RunConfig) -> str:
     from rlhf_tts.training.easpm import easpm_location
 
     exclude = {"checkpoint_every", "log_every", "device"}
+    if cfg.align.prompt_emotions == "iid":
+        exclude.add("prompt_emotions")  # the key of the versions before the option
     settings = {**cfg.align.model_dump(exclude=exclude), "seed": align_seed(cfg)}  # unset == the run's seed
     return stable_hash(base_model_location(cfg).directory.name, easpm_location(cfg).directory.name,
                        settings, cfg.seed, ALIGN_VERSION)
@@ -151,7 +168,7 @@ def load_prompts(cfg: RunConfig, vocab: Vocabulary) -> PromptSampler:
 
     dataset, _ = dataset_location(cfg)
     rows = [r for r in read_manifest(dataset.manifest_path).to_pylist() if r["split"] == cfg.align.split]
-    return PromptSampler(rows, vocab, cfg.align.prompts_per_rollout, align_seed(cfg))
+    return PromptSampler(rows, vocab, cfg.align.prompts_per_rollout, align_seed(cfg), cfg.align.prompt_emotions)
 
 
 def batch_digest(batch: PreferenceBatch) -> str:

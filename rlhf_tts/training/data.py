@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -113,10 +113,12 @@ class BucketedBatches:
         batches = [order[i * self.batch_size : (i + 1) * self.batch_size].tolist() for i in range(self.n_batches)]
         return [batches[i] for i in rng.permutation(len(batches))]
 
-    def iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[int, int, Batch]]:
-        """(epoch, batch index, batch) forever, from the given position."""
+    def iterate(self, epoch: int, start_batch: int,
+                select: Callable[[list[int]], list[int]] | None = None) -> Iterator[tuple[int, int, Batch]]:
+        """(epoch, batch index, batch) forever, from the given position; `select` picks a data-parallel
+        rank's share of each batch's items."""
         while True:
             for index, batch in enumerate(self.epoch_order(epoch)):
                 if index >= start_batch:
-                    yield epoch, index, collate([self.utterances[i] for i in batch])
+                    yield epoch, index, collate([self.utterances[i] for i in (select(batch) if select else batch)])
             epoch, start_batch = epoch + 1, 0

@@ -29,10 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, restore, save_checkpoint
-from rlhf_tts.config import EASPMConfig, RunConfig, stable_hash
+from rlhf_tts.config import EASPMConfig, RunConfig, stable_hash, stored_config
 from rlhf_tts.models.easpm import EASPM, default_prompt, paraphrases
 from rlhf_tts.models.gradtts import diffusion
 from rlhf_tts.models.gradtts.model import GradTTS, Prior, TextBatch
+from rlhf_tts.training.data_parallel import Ranks, gathered_rng, rank_rng, run_ranks, training_ranks
 from rlhf_tts.training.pretrain import base_model_location, resolve_device
 
 EASPM_VERSION = 3  # 2: durations kept per item; shared-timing pairs. 3: both re-timed to a common timing
@@ -69,13 +70,16 @@ class EASPMLocation:
         if not self.exists():
             raise FileNotFoundError(f"no trained EASPM at {self.directory}: run the easpm stage first")
         meta = json.loads((self.directory / "model.json").read_text())
-        model = EASPM(EASPMConfig.model_validate(meta["easpm"]), meta["n_feats"], meta["emotions"], meta["words"])
+        settings, _ = stored_config(meta["easpm"], EASPMConfig)  # saved by another version: loads too
+        model = EASPM(settings, meta["n_feats"], meta["emotions"], meta["words"])
         load_model_weights(self.final, model)
         return model.to(device).eval()
 
 
 def easpm_key(cfg: RunConfig) -> str:
     exclude = {"t_grid", "curve_split", "curve_seed", "eval_every", "checkpoint_every", "log_every", "threads", "device"}
+    if cfg.easpm.data_parallel == 1:
+        exclude.add("data_parallel")  # one process: the key (and model) of the versions before the option
     return stable_hash(base_model_location(cfg).directory.name, cfg.easpm.model_dump(exclude=exclude), cfg.seed, EASPM_VERSION)
 
 
@@ -551,8 +555,22 @@ def train_easpm(cfg: RunConfig, resume: bool = False, progress: ProgressFn | Non
         curve = stored | curve if stored else curve
         _write_json(location.curve_path, curve)
         return location, curve
-    if not resume and location.checkpoints.exists():
+    world = training_ranks(ecfg.data_parallel, device, ecfg.batch_pairs)
+    return run_ranks(_easpm_rank, world, (cfg, resume, stop_after), (progress, tracker))
+
+
+def _easpm_rank(ranks: Ranks, cfg: RunConfig, resume: bool, stop_after: int | None, progress: ProgressFn | None = None,
+                tracker=None) -> tuple[EASPMLocation, dict]:  # noqa: ANN001
+    """One rank's training (the only one when not data-parallel): each rank draws its share of the
+    batch's pairs from its own stream; rank 0 writes, logs, checkpoints (with every rank's RNG state)
+    and computes the curve."""
+    report = progress or (lambda *a, **k: None)
+    ecfg = cfg.easpm
+    location = easpm_location(cfg)
+    device = resolve_device(ecfg.device)
+    if ranks.main and not resume and location.checkpoints.exists():
         shutil.rmtree(location.checkpoints)  # a fresh run was asked for; --resume would have continued it
+    ranks.barrier()
     ctx = _context(cfg, device)
     base, vocab, beta_min, beta_max, x0_fn, multiple = ctx.base, ctx.vocab, ctx.beta_min, ctx.beta_max, ctx.x0_fn, ctx.multiple
     train_rows = [r for r in ctx.rows if r["split"] == "train"]
@@ -566,23 +584,28 @@ def train_easpm(cfg: RunConfig, resume: bool = False, progress: ProgressFn | Non
         raise ValueError("easpm: no (speaker, text) in the train split is spoken in two emotions; pairs need them")
 
     torch.manual_seed(cfg.seed)
-    model = EASPM(ecfg, base.n_feats, vocab.emotions)
+    model = EASPM(ecfg, base.n_feats, vocab.emotions)  # the same initial weights on every rank
     model.set_normalisation(*mel_statistics(train_items))
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ecfg.lr, weight_decay=ecfg.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    rank_seed = cfg.seed if ranks.main else int(stable_hash(cfg.seed, "easpm rank", ranks.rank, length=15), 16)
+    if not ranks.main:  # dropout: each rank its own masks; rank 0 goes on with the one-process stream
+        torch.manual_seed(rank_seed)
+    generator = torch.Generator().manual_seed(rank_seed)
+    share = ecfg.model_copy(update={"batch_pairs": len(ranks.shard(range(ecfg.batch_pairs)))})
     step = 0
     latest = latest_checkpoint(location.checkpoints) if resume else None
     if latest is not None:
         checkpoint = load_checkpoint(latest)
-        _set_rng_state(restore(checkpoint, model, optimizer), generator, device)
+        _set_rng_state(rank_rng(restore(checkpoint, model, optimizer), ranks), generator, device)
         step = checkpoint.step
-    location.directory.mkdir(parents=True, exist_ok=True)
-    meta = {"easpm": ecfg.model_dump(mode="json"), "n_feats": base.n_feats, "emotions": list(vocab.emotions),
-            "words": list(model.tokenizer.words), "base_model": str(base_model_location(cfg).directory),
-            "dataset": str(ctx.dataset_dir), "n_parameters": sum(p.numel() for p in model.parameters()),
-            "train_utterances": len(train_items), "train_groups": len(train_groups)}
-    (location.directory / "model.json").write_text(json.dumps(meta, indent=1))
+    if ranks.main:
+        location.directory.mkdir(parents=True, exist_ok=True)
+        meta = {"easpm": ecfg.model_dump(mode="json"), "n_feats": base.n_feats, "emotions": list(vocab.emotions),
+                "words": list(model.tokenizer.words), "base_model": str(base_model_location(cfg).directory),
+                "dataset": str(ctx.dataset_dir), "n_parameters": sum(p.numel() for p in model.parameters()),
+                "train_utterances": len(train_items), "train_groups": len(train_groups)}
+        (location.directory / "model.json").write_text(json.dumps(meta, indent=1))
 
     templates = [paraphrases(e) for e in vocab.emotions]
     curve_args = dict(items=curve_items, groups=curve_groups, t_grid=ecfg.t_grid, beta_min=beta_min, beta_max=beta_max,
@@ -594,30 +617,36 @@ def train_easpm(cfg: RunConfig, resume: bool = False, progress: ProgressFn | Non
             group["lr"] = _lr_at(step, ecfg)
         picks = [int(torch.randint(len(options), (1,), generator=generator)) for options in templates]
         prompts = [options[i] for options, i in zip(templates, picks)]
-        batch = sample_pairs(train_items, train_groups, ecfg, beta_min, beta_max, generator, multiple)
+        batch = sample_pairs(train_items, train_groups, share, beta_min, beta_max, generator, multiple)
         out = easpm_losses(model, batch, prompts, ecfg, x0_fn)
         optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
+        if ranks.world == 1:
+            out["loss"].backward()
+        else:  # the ranks' shares, weighted by their pairs, sum to the global batch's mean loss
+            (out["loss"] * (share.batch_pairs / ecfg.batch_pairs)).backward()
+            ranks.sum_gradients(list(model.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ecfg.grad_clip)
         optimizer.step()
         step += 1
         losses = {k: float(v.detach()) for k, v in out.items()}
-        if tracker is not None and (step % ecfg.log_every == 0 or step == ecfg.steps):
+        if ranks.main and tracker is not None and (step % ecfg.log_every == 0 or step == ecfg.steps):
             rate = (step - first_step) / max(time.monotonic() - started, 1e-6)
             tracker.log_metrics({f"easpm/{k}": v for k, v in losses.items()} | {
                 "easpm/grad_norm": float(grad_norm), "easpm/logit_scale": float(model.scale().detach()),
                 "easpm/lr": _lr_at(step - 1, ecfg), "easpm/steps_per_s": rate}, step=step)
         report("train EASPM", step, ecfg.steps,
                info=f"loss {losses['loss']:.3f} (nce {losses['infonce']:.3f} bt {losses['bt']:.3f}) "
-                    f"pair {losses['pair_accuracy']:.2f}")
+                    f"pair {losses['pair_accuracy']:.2f}" + (" (rank 0's share)" if ranks.world > 1 else ""))
         if step % ecfg.checkpoint_every == 0 or step == ecfg.steps:
-            save_checkpoint(location.checkpoints, step, model, optimizer, _rng_state(generator, device),
-                            {"losses": losses, "config": ecfg.model_dump(mode="json")})
-        if tracker is not None and curve_groups and step % ecfg.eval_every == 0 and step < ecfg.steps:
+            rng = gathered_rng(ranks.gather(_rng_state(generator, device)), ranks)
+            if ranks.main:
+                save_checkpoint(location.checkpoints, step, model, optimizer, rng,
+                                {"losses": losses, "config": ecfg.model_dump(mode="json"), "ranks": ranks.world})
+        if ranks.main and tracker is not None and curve_groups and step % ecfg.eval_every == 0 and step < ecfg.steps:
             interim = accuracy_curve(model, **curve_args)
             tracker.log_metrics({f"easpm/{curve_split}_pair_acc_t{round(t * 100):03d}": a
                                  for t, a in zip(interim["t"], interim["pair_accuracy"])}, step=step)
-    if step < ecfg.steps:
+    if step < ecfg.steps or not ranks.main:
         return location, {}
     train_seconds = round(time.monotonic() - started, 1)
     curve = _curve(cfg, model, ctx, device, report, curve_items, curve_split)

@@ -23,11 +23,12 @@ from typing import Callable
 import torch
 
 from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
-from rlhf_tts.config import RunConfig, stable_hash
+from rlhf_tts.config import RunConfig, stable_hash, stored_config
 from rlhf_tts.data.frontend import SymbolTable
 from rlhf_tts.data.manifest import read_manifest
 from rlhf_tts.models.gradtts.model import GradTTS
 from rlhf_tts.training.data import BucketedBatches, Vocabulary, load_utterances
+from rlhf_tts.training.data_parallel import Ranks, gathered_rng, rank_rng, run_ranks, training_ranks
 
 PRETRAIN_VERSION = 3  # 2: text-length buckets, utterance-length duration loss; 3: padding-invariant U-Net
 ProgressFn = Callable[..., None]
@@ -47,7 +48,7 @@ class BaseModel:
         from rlhf_tts.checkpoint import load_model_weights
 
         meta = json.loads((self.directory / "model.json").read_text())
-        cfg = RunConfig.model_validate(meta["config"])
+        cfg, _ = stored_config(meta["config"])  # a model saved by another version loads too
         vocab = Vocabulary.from_json(meta["vocabulary"])
         model = build_model(cfg, vocab)
         load_model_weights(self.final, model)
@@ -69,6 +70,8 @@ def resolve_device(name: str) -> torch.device:
 
 def pretrain_key(cfg: RunConfig, dataset_dir: Path) -> str:
     exclude = {"checkpoint_every", "log_every", "sample_every", "sample_steps", "threads", "device"}
+    if cfg.pretrain.data_parallel == 1:
+        exclude.add("data_parallel")  # one process: the key (and model) of the versions before the option
     return stable_hash(dataset_dir.name, cfg.model, cfg.pretrain.model_dump(exclude=exclude), cfg.seed, PRETRAIN_VERSION)
 
 
@@ -111,16 +114,30 @@ def run_pretraining(
     cfg: RunConfig, dataset_dir: Path, resume: bool = False, progress: ProgressFn | None = None,
     tracker=None, stop_after: int | None = None,  # noqa: ANN001 - Tracker, kept optional for tests
 ) -> BaseModel:
-    """Train (or reuse) the base model. `stop_after` ends early at that step (tests of resumption)."""
+    """Train (or reuse) the base model. `stop_after` ends early at that step (tests of resumption).
+    With `pretrain.data_parallel` ranks > 1 (CPU) the steps run in that many one-thread processes."""
+    device = resolve_device(cfg.pretrain.device)
+    world = training_ranks(cfg.pretrain.data_parallel, device, cfg.pretrain.batch_size)
+    return run_ranks(_pretrain_rank, world, (cfg, dataset_dir, resume, stop_after), (progress, tracker))
+
+
+def _pretrain_rank(
+    ranks: Ranks, cfg: RunConfig, dataset_dir: Path, resume: bool, stop_after: int | None,
+    progress: ProgressFn | None = None, tracker=None,  # noqa: ANN001
+) -> BaseModel:
+    """One rank's training loop (the only one when not data-parallel). Rank 0 alone writes the run's
+    files, logs and reports; every rank restores and saves its own RNG streams through rank 0's
+    checkpoints, so a resumed data-parallel run is the uninterrupted one too."""
     report = progress or (lambda *a, **k: None)
     base = BaseModel(Path(cfg.cache_dir) / "pretrain" / pretrain_key(cfg, dataset_dir))
     directory = base.directory
     if (base.final / "state.json").is_file():
         return base
     checkpoints = directory / "checkpoints"
-    if not resume and checkpoints.exists():
+    if ranks.main and not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)  # a fresh run was asked for; --resume would have continued it
-    if cfg.pretrain.threads:
+    ranks.barrier()
+    if cfg.pretrain.threads and ranks.world == 1:
         torch.set_num_threads(cfg.pretrain.threads)
     device = resolve_device(cfg.pretrain.device)
 
@@ -131,26 +148,33 @@ def run_pretraining(
     batches = BucketedBatches(utterances, cfg.pretrain.batch_size, cfg.seed)
 
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, vocab).to(device)
+    model = build_model(cfg, vocab).to(device)  # the same initial weights on every rank
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    rank_seed = cfg.seed if ranks.main else int(stable_hash(cfg.seed, "pretrain rank", ranks.rank, length=15), 16)
+    if not ranks.main:  # dropout: each rank its own masks; rank 0 goes on with the one-process stream
+        torch.manual_seed(rank_seed)
+    generator = torch.Generator().manual_seed(rank_seed)
     step, epoch, start_batch = 0, 0, 0
     latest = latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
         checkpoint = load_checkpoint(latest)
-        _set_rng_state(restore(checkpoint, model, optimizer), generator, device)
+        _set_rng_state(rank_rng(restore(checkpoint, model, optimizer), ranks), generator, device)
         step = checkpoint.step
         epoch, start_batch = checkpoint.state["data_position"]
-    directory.mkdir(parents=True, exist_ok=True)
-    meta = {"config": cfg.model_dump(mode="json"), "vocabulary": vocab.to_json(), "dataset": str(dataset_dir),
-            "n_parameters": sum(p.numel() for p in model.parameters())}
-    (directory / "model.json").write_text(json.dumps(meta, indent=1))
+    if ranks.main:
+        directory.mkdir(parents=True, exist_ok=True)
+        meta = {"config": cfg.model_dump(mode="json"), "vocabulary": vocab.to_json(), "dataset": str(dataset_dir),
+                "n_parameters": sum(p.numel() for p in model.parameters())}
+        (directory / "model.json").write_text(json.dumps(meta, indent=1))
 
     samples = sample_rows(rows, vocab)
     model.train()
     started, first_step = time.monotonic(), step
     losses: dict[str, float] = {}
-    for epoch, index, batch in batches.iterate(epoch, start_batch):
+    decoder_items = cfg.pretrain.decoder_batch_size
+    if decoder_items is not None:
+        decoder_items = len(ranks.shard(range(decoder_items)))  # this rank's share of the U-Net items
+    for epoch, index, batch in batches.iterate(epoch, start_batch, ranks.shard if ranks.world > 1 else None):
         if step >= cfg.pretrain.steps or (stop_after is not None and step >= stop_after):
             break
         batch = batch.to(device)
@@ -158,29 +182,35 @@ def run_pretraining(
         for group in optimizer.param_groups:
             group["lr"] = lr
         out = model.compute_loss(batch.text, batch.mel, batch.mel_lengths, cfg.pretrain.segment_frames, generator,
-                                 decoder_items=cfg.pretrain.decoder_batch_size)
+                                 decoder_items=decoder_items)
         optimizer.zero_grad(set_to_none=True)
-        out["total"].backward()
+        if ranks.world == 1:
+            out["total"].backward()
+        else:  # the ranks' shares, weighted by their items, sum to the global batch's mean loss
+            (out["total"] * (len(batch.utt_ids) / cfg.pretrain.batch_size)).backward()
+            ranks.sum_gradients(list(model.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.pretrain.grad_clip)
         optimizer.step()
         step += 1
         losses = {k: float(v.detach()) for k, v in out.items()}
         next_position = (epoch, index + 1)
-        if step % cfg.pretrain.log_every == 0 or step == cfg.pretrain.steps:
+        if ranks.main and (step % cfg.pretrain.log_every == 0 or step == cfg.pretrain.steps):
             rate = (step - first_step) / max(time.monotonic() - started, 1e-6)
             if tracker is not None:
                 tracker.log_metrics({f"pretrain/{k}": v for k, v in losses.items()} | {
                     "pretrain/grad_norm": float(grad_norm), "pretrain/steps_per_s": rate, "pretrain/lr": lr}, step=step)
         report("pretrain Grad-TTS", step, cfg.pretrain.steps,
                info=f"loss {losses['total']:.3f} (dur {losses['duration']:.3f} prior {losses['prior']:.3f} "
-                    f"diff {losses['diffusion']:.3f})")
+                    f"diff {losses['diffusion']:.3f})" + (" (rank 0's share)" if ranks.world > 1 else ""))
         if step % cfg.pretrain.checkpoint_every == 0 or step == cfg.pretrain.steps:
-            save_checkpoint(checkpoints, step, model, optimizer, _rng_state(generator, device),
-                            {"data_position": list(next_position), "losses": losses})
-        if tracker is not None and (step % cfg.pretrain.sample_every == 0 or step == cfg.pretrain.steps):
+            rng = gathered_rng(ranks.gather(_rng_state(generator, device)), ranks)
+            if ranks.main:
+                save_checkpoint(checkpoints, step, model, optimizer, rng,
+                                {"data_position": list(next_position), "losses": losses, "ranks": ranks.world})
+        if ranks.main and tracker is not None and (step % cfg.pretrain.sample_every == 0 or step == cfg.pretrain.steps):
             log_samples(model, samples, vocab, cfg, device, step, tracker, "pretrain/samples")
             model.train()
-    if step >= cfg.pretrain.steps:
+    if ranks.main and step >= cfg.pretrain.steps:
         final_tmp = directory / f".final.tmp-{os.getpid()}"
         shutil.rmtree(final_tmp, ignore_errors=True)
         shutil.copytree(latest_checkpoint(checkpoints), final_tmp)
