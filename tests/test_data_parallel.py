@@ -37,8 +37,7 @@ def _gradients(ranks: Ranks) -> list[torch.Tensor]:
 def _fails_on_rank_1(ranks: Ranks) -> None:
     if ranks.rank == 1:
         raise ValueError("rank 1 broke")
-    ranks.sum_gradients([torch.nn.Parameter(torch.zeros(2))])  # rank 0 waits on a rank that is gone
-    torch.distributed.all_reduce(torch.zeros(1))
+    torch.distributed.all_reduce(torch.zeros(1))  # rank 0 waits on a rank that is gone
 
 
 def test_summed_weighted_shares_are_the_global_batch_gradient():
@@ -57,8 +56,9 @@ def test_shard_strides_and_one_rank_is_the_identity():
     assert Ranks().shard([3, 1]) == [3, 1] and Ranks().gather("x") == ["x"]
 
 
+@pytest.mark.timeout(120)
 def test_a_failing_rank_fails_the_run_instead_of_hanging():
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="rank 1 exit code 1"):
         run_ranks(_fails_on_rank_1, 2, ())
 
 

@@ -132,6 +132,8 @@ def run_ranks(worker: Callable[..., T], world: int, args: tuple, main_args: tupl
                 result = worker(Ranks(0, world), *args, *main_args)
                 torch.distributed.barrier()
             except Exception as err:
+                for child in children:  # a rank that died makes this one fail: give it time to report
+                    child.join(timeout=10)
                 failed = [f"rank {r} exit code {c.exitcode}" for r, c in enumerate(children, 1)
                           if c.exitcode not in (None, 0)]
                 if failed:
