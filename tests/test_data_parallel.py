@@ -26,9 +26,7 @@ def _gradients(ranks: Ranks) -> list[torch.Tensor]:
     """Each rank: its share of a 7-item batch, loss weighted by that share, gradients summed."""
     model, (x, y) = _model(), _batch()
     index = ranks.shard(list(range(len(x))))
-    loss = (model(x[index]) - y[index]).pow(2).mean() * (len(index) / len(x))
-    loss.backward()
-    ranks.sum_gradients(list(model.parameters()))
+    ranks.backward((model(x[index]) - y[index]).pow(2).mean(), len(index) / len(x), list(model.parameters()))
     grads = [p.grad.clone() for p in model.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(grads, ranks.gather(grads)[0]))  # every rank holds the same sum
     return grads

@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence, TypeVar
 
 import torch
 
+from rlhf_tts.config import stable_hash
+
 T = TypeVar("T")
 COLLECTIVE_TIMEOUT = timedelta(minutes=15)  # rank 0 may spend minutes on samples/checkpoints between steps
 
@@ -59,6 +61,24 @@ class Ranks:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def backward(self, loss: torch.Tensor, share: float, parameters: Sequence[torch.nn.Parameter]) -> None:
+        """Backpropagate this rank's loss weighted by its `share` of the global batch's items and sum
+        the gradients over the ranks: the global batch's mean loss, as one process would have it."""
+        if self.world == 1:
+            loss.backward()
+            return
+        (loss * share).backward()
+        self.sum_gradients(parameters)
+
+    def seed(self, seed: int, stream: str) -> int:
+        """This rank's seed for its own draws: `seed` on rank 0 (the one-process stream, untouched);
+        a hash of (seed, stream, rank) elsewhere, which also reseeds torch's global RNG (dropout)."""
+        if self.main:
+            return seed
+        mine = int(stable_hash(seed, stream, self.rank, length=15), 16)
+        torch.manual_seed(mine)
+        return mine
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value`, in rank order, on every rank."""
         if self.world == 1:
@@ -77,12 +97,12 @@ def training_ranks(configured: int, device: torch.device, batch_size: int) -> in
     return 1 if device.type != "cpu" else max(1, min(configured, batch_size))
 
 
-def gathered_rng(states: list[dict[str, torch.Tensor]], ranks: Ranks) -> dict[str, torch.Tensor]:
-    """Every rank's RNG states (from `Ranks.gather`) as one flat dict for rank 0's checkpoint; one
-    process keeps the unprefixed names it always had."""
+def gathered_rng(state: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor]:
+    """Every rank's RNG `state`, gathered, as one flat dict for rank 0's checkpoint (a collective:
+    every rank calls it); one process keeps the unprefixed names it always had."""
     if ranks.world == 1:
-        return states[0]
-    return {f"rank{r}/{k}": v for r, state in enumerate(states) for k, v in state.items()}
+        return state
+    return {f"rank{r}/{k}": v for r, each in enumerate(ranks.gather(state)) for k, v in each.items()}
 
 
 def rank_rng(saved: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Tensor]:

@@ -588,10 +588,7 @@ def _easpm_rank(ranks: Ranks, cfg: RunConfig, resume: bool, stop_after: int | No
     model.set_normalisation(*mel_statistics(train_items))
     model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ecfg.lr, weight_decay=ecfg.weight_decay)
-    rank_seed = cfg.seed if ranks.main else int(stable_hash(cfg.seed, "easpm rank", ranks.rank, length=15), 16)
-    if not ranks.main:  # dropout: each rank its own masks; rank 0 goes on with the one-process stream
-        torch.manual_seed(rank_seed)
-    generator = torch.Generator().manual_seed(rank_seed)
+    generator = torch.Generator().manual_seed(ranks.seed(cfg.seed, "easpm rank"))
     share = ecfg.model_copy(update={"batch_pairs": len(ranks.shard(range(ecfg.batch_pairs)))})
     step = 0
     latest = latest_checkpoint(location.checkpoints) if resume else None
@@ -620,11 +617,7 @@ def _easpm_rank(ranks: Ranks, cfg: RunConfig, resume: bool, stop_after: int | No
         batch = sample_pairs(train_items, train_groups, share, beta_min, beta_max, generator, multiple)
         out = easpm_losses(model, batch, prompts, ecfg, x0_fn)
         optimizer.zero_grad(set_to_none=True)
-        if ranks.world == 1:
-            out["loss"].backward()
-        else:  # the ranks' shares, weighted by their pairs, sum to the global batch's mean loss
-            (out["loss"] * (share.batch_pairs / ecfg.batch_pairs)).backward()
-            ranks.sum_gradients(list(model.parameters()))
+        ranks.backward(out["loss"], share.batch_pairs / ecfg.batch_pairs, list(model.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), ecfg.grad_clip)
         optimizer.step()
         step += 1
@@ -638,7 +631,7 @@ def _easpm_rank(ranks: Ranks, cfg: RunConfig, resume: bool, stop_after: int | No
                info=f"loss {losses['loss']:.3f} (nce {losses['infonce']:.3f} bt {losses['bt']:.3f}) "
                     f"pair {losses['pair_accuracy']:.2f}" + (" (rank 0's share)" if ranks.world > 1 else ""))
         if step % ecfg.checkpoint_every == 0 or step == ecfg.steps:
-            rng = gathered_rng(ranks.gather(_rng_state(generator, device)), ranks)
+            rng = gathered_rng(_rng_state(generator, device), ranks)
             if ranks.main:
                 save_checkpoint(location.checkpoints, step, model, optimizer, rng,
                                 {"losses": losses, "config": ecfg.model_dump(mode="json"), "ranks": ranks.world})

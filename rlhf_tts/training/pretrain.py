@@ -150,10 +150,7 @@ def _pretrain_rank(
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, vocab).to(device)  # the same initial weights on every rank
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay)
-    rank_seed = cfg.seed if ranks.main else int(stable_hash(cfg.seed, "pretrain rank", ranks.rank, length=15), 16)
-    if not ranks.main:  # dropout: each rank its own masks; rank 0 goes on with the one-process stream
-        torch.manual_seed(rank_seed)
-    generator = torch.Generator().manual_seed(rank_seed)
+    generator = torch.Generator().manual_seed(ranks.seed(cfg.seed, "pretrain rank"))
     step, epoch, start_batch = 0, 0, 0
     latest = latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
@@ -184,11 +181,7 @@ def _pretrain_rank(
         out = model.compute_loss(batch.text, batch.mel, batch.mel_lengths, cfg.pretrain.segment_frames, generator,
                                  decoder_items=decoder_items)
         optimizer.zero_grad(set_to_none=True)
-        if ranks.world == 1:
-            out["total"].backward()
-        else:  # the ranks' shares, weighted by their items, sum to the global batch's mean loss
-            (out["total"] * (len(batch.utt_ids) / cfg.pretrain.batch_size)).backward()
-            ranks.sum_gradients(list(model.parameters()))
+        ranks.backward(out["total"], len(batch.utt_ids) / cfg.pretrain.batch_size, list(model.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.pretrain.grad_clip)
         optimizer.step()
         step += 1
@@ -203,7 +196,7 @@ def _pretrain_rank(
                info=f"loss {losses['total']:.3f} (dur {losses['duration']:.3f} prior {losses['prior']:.3f} "
                     f"diff {losses['diffusion']:.3f})" + (" (rank 0's share)" if ranks.world > 1 else ""))
         if step % cfg.pretrain.checkpoint_every == 0 or step == cfg.pretrain.steps:
-            rng = gathered_rng(ranks.gather(_rng_state(generator, device)), ranks)
+            rng = gathered_rng(_rng_state(generator, device), ranks)
             if ranks.main:
                 save_checkpoint(checkpoints, step, model, optimizer, rng,
                                 {"data_position": list(next_position), "losses": losses, "ranks": ranks.world})
