@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from rich.console import Console
@@ -179,6 +181,53 @@ def test_pairs_share_noise_and_time():
     assert torch.allclose(noise[:b][keep] * batch.mask[:b][keep], noise[b:][keep] * batch.mask[b:][keep], atol=1e-4)
 
 
+def test_resynthesis_augment_swaps_whole_pairs_for_their_round_trips_and_leaves_the_default_stream_alone():
+    items, groups = _synthetic_items()
+    # A "round trip" that is the mel plus a constant: a state built from it is told apart exactly.
+    tripped = [replace(i, resynthesised=i.mel + 7.0) for i in items]
+    cfg = SMALL.model_copy(update={"resynthesis_augment": 0.5, "batch_pairs": 64})
+    batch = sample_pairs(tripped, groups, cfg, 0.05, 20.0, torch.Generator().manual_seed(5))
+    b = cfg.batch_pairs
+    clean = sample_pairs([replace(i, resynthesised=i.mel) for i in items], groups, cfg, 0.05, 20.0,
+                         torch.Generator().manual_seed(5))  # the same draws; round trip == mel
+    shift = ((batch.states - clean.states) * batch.mask).sum((1, 2)) / (batch.mask.sum((1, 2)) * batch.states.shape[1])
+    from rlhf_tts.models.gradtts.diffusion import cumulative_beta
+
+    rho = torch.exp(-0.5 * cumulative_beta(batch.t, 0.05, 20.0))  # x0's weight in x_t
+    swapped = torch.isclose(shift, 7.0 * rho, atol=1e-3)
+    assert (swapped | torch.isclose(shift, torch.zeros(()), atol=1e-4)).all()  # each state: round trip or mel
+    assert torch.equal(swapped[:b], swapped[b:])  # a pair is swapped whole, never half
+    assert 0.25 < float(swapped[:b].float().mean()) < 0.75  # about resynthesis_augment of the pairs
+    # Off (the default): the generator's stream is what it was before the option existed.
+    off = SMALL.model_copy(update={"resynthesis_augment": 0.0})
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    sample_pairs(tripped, groups, off, 0.05, 20.0, g1)
+    sample_pairs(items, groups, off, 0.05, 20.0, g2)
+    assert torch.equal(g1.get_state(), g2.get_state())
+    full = SMALL.model_copy(update={"resynthesis_augment": 1.0})
+    with pytest.raises(ValueError, match="round trip"):  # asked for round trips that were never loaded
+        sample_pairs(items, groups, full, 0.05, 20.0, torch.Generator().manual_seed(5))
+
+
+def test_gain_augment_shifts_both_of_a_pair_by_one_level():
+    from rlhf_tts.models.gradtts.diffusion import cumulative_beta
+
+    items, groups = _synthetic_items()
+    cfg = SMALL.model_copy(update={"gain_augment": 0.8, "batch_pairs": 32})
+    batch = sample_pairs(items, groups, cfg, 0.05, 20.0, torch.Generator().manual_seed(4))
+    b = cfg.batch_pairs
+    # The gain is drawn after every other draw, so a gain-free batch from the same seed is the same
+    # batch without the shift; x0 enters x_t with weight rho_t.
+    rho = torch.exp(-0.5 * cumulative_beta(batch.t, 0.05, 20.0))
+    plain = sample_pairs(items, groups, SMALL.model_copy(update={"batch_pairs": 32}), 0.05, 20.0,
+                         torch.Generator().manual_seed(4))
+    assert torch.equal(plain.t, batch.t) and torch.equal(plain.mask, batch.mask)  # the gain is drawn last
+    shift = ((batch.states - plain.states) * batch.mask).sum((1, 2)) / (batch.mask.sum((1, 2)) * batch.states.shape[1])
+    gain = shift / rho
+    assert torch.allclose(gain[:b], gain[b:], atol=1e-4)  # one level per pair
+    assert gain.abs().max() <= 0.8 + 1e-4 and gain[:b].std() > 0.2  # drawn in [-g, g], not constant
+
+
 def test_warp_keeps_content_and_takes_the_target_timing():
     g = torch.Generator().manual_seed(0)
     mel = torch.randn(4, 30, generator=g)
@@ -341,12 +390,16 @@ def test_reward_view_reports_easpm_along_each_models_sampling_path(smoke_base, t
     from rlhf_tts.training.easpm import run_easpm_stage
     from rlhf_tts.training.pretrain import base_model_location
 
+    from rlhf_tts.eval.judges.emotion import train_emotion_judge
+
     cfg = _cfg(smoke_base, tmp_path)
     run_easpm_stage(cfg, Console(file=io.StringIO()), Recorder())
     base = str(base_model_location(cfg).directory)
     args = [f"output_dir={cfg.output_dir}", f"cache_dir={cfg.cache_dir}", "preset=smoke", "tracking.enabled=false"]
+    assert main(["--model", f"base={base}", "--split", "train", "--max-utts", "6", "--steps", "4", "--judge", *args]) == 2
+    train_emotion_judge(cfg)
     assert main(["--model", f"base={base}", "--model", f"again={base}", "--split", "train", "--max-utts", "6",
-                 "--steps", "4", *args]) == 0
+                 "--steps", "4", "--judge", *args]) == 0
     result = json.loads((Path(cfg.output_dir) / "reward_view.json").read_text())
     views = result["models"]
     assert list(views["base"]["by_t"]) == ["1.00", "0.75", "0.50", "0.25", "0.00"]
@@ -358,8 +411,17 @@ def test_reward_view_reports_easpm_along_each_models_sampling_path(smoke_base, t
         assert sum(p["n"] for p in parts) == 6
         for key in ("accuracy", "log_prob", "score"):
             assert sum(p[key] * p["n"] for p in parts) / 6 == pytest.approx(row[key], abs=1e-5)
+    # The judge's side, on the same final outputs: EASPM's t = 0 names are the ones counted above.
+    judged = views["base"]["judge"]
+    assert judged == views["again"]["judge"] and judged["n"] == 6
+    assert judged["easpm_accuracy"] == pytest.approx(views["base"]["by_t"]["0.00"]["accuracy"])
+    confusion = np.array(judged["confusion_easpm_by_judge"])
+    assert confusion.sum() == 6 and confusion.sum(1).tolist() == judged["easpm_named"]
+    assert confusion.sum(0).tolist() == judged["judge_named"]
+    assert judged["agreement"] == pytest.approx(np.trace(confusion) / 6)
+    assert np.isfinite(judged["level_offset"]) and 0.0 <= judged["judge_accuracy"] <= 1.0
     printed = capsys.readouterr().out
-    assert "base: accuracy" in printed and "Per target emotion" in printed
+    assert "base: accuracy" in printed and "Per target emotion" in printed and "reward against the judge" in printed
     assert main(["--model", f"bad={tmp_path}", *args]) == 2  # not a model folder: one-line error
 
 

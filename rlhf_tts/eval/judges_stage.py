@@ -111,7 +111,7 @@ def judge_checks(cfg: RunConfig, judges, progress: ProgressFn | None = None) -> 
     from rlhf_tts.data.pipeline import dataset_location
     from rlhf_tts.eval.asr import corpus_wer, word_errors
     from rlhf_tts.eval.corpus import load_split
-    from rlhf_tts.eval.judges.emotion import griffin_lim_mels
+    from rlhf_tts.data.resynthesis import griffin_lim_mels
     from rlhf_tts.eval.metrics import confusion_matrix, macro_recall
     from rlhf_tts.eval.systems import load_recording
 

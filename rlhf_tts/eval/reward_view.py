@@ -1,7 +1,7 @@
 """How the preference model sees a model's own sampling paths: EASPM along the sampler, per t.
 
     python -m rlhf_tts.eval.reward_view [--model NAME=DIR ...] [--split val] [--max-utts 50] [--steps 20]
-                                        [--stochastic] [key=value ...]
+                                        [--stochastic] [--judge] [key=value ...]
 
 By default it compares the config's base model with its aligned model (when the align stage has
 made one). Each model speaks the split's utterances (its own durations, `evaluate.temperature`, a
@@ -16,6 +16,12 @@ judge hears nothing (the policy found what EASPM likes, not what the emotion is)
 cannot read the final states of either model (accuracy at chance at t = 0: the base model's speech
 is off the manifold EASPM was trained on, and no preference signal reaches the end of sampling).
 It never trains anything and is no judge: EASPM is the reward being examined.
+
+`--judge` sets the two side by side on the same final outputs (t = 0): the emotion judge hears each
+through the evaluation's Griffin-Lim round trip, and the table gives EASPM's and the judge's accuracy,
+how often they name the same emotion, and the outputs' level against the recordings (mean log-mel,
+model − recording, same utterances). An EASPM that names one emotion for nearly every output, with
+the level far from zero, reads the decoder's level drift rather than the emotion (README).
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ REPORT_TIMES = (1.0, 0.75, 0.5, 0.25, 0.0)
 
 @torch.no_grad()
 def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperature: float,  # noqa: ANN001
-                    stochastic: bool, seed: int, batch: int = 8) -> dict[float, dict[str, float]]:
+                    stochastic: bool, seed: int, batch: int = 8,
+                    finals: dict | None = None) -> dict[float, dict[str, float]]:
     """Per report time t: EASPM accuracy, mean target log-probability and mean target score over the
-    utterances' states after the sampler step that ends at t (t = 1: the initial state)."""
+    utterances' states after the sampler step that ends at t (t = 1: the initial state). `finals`, when
+    given, receives utt_id → (final mel, the emotion index EASPM names for it at t = 0)."""
     from rlhf_tts.eval.systems import _length_order, utterance_generator, utterance_text_batch
     from rlhf_tts.models.gradtts import diffusion
     from rlhf_tts.models.gradtts.model import item_noise
@@ -79,6 +87,10 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
             t_next = round(1.0 - (i + 1) * h, 6)
             if t_next in hits:
                 look(t_next)
+        if finals is not None:
+            named = easpm.logits(easpm.embed_audio(x * prior.mask, prior.mask, torch.zeros(len(items))), prompts).argmax(1)
+            for row, u in enumerate(items):
+                finals[u.utt_id] = (x[row, :, : int(prior.lengths[row])].numpy().copy(), int(named[row]))
     out = {}
     for t, parts in hits.items():
         values = torch.cat(parts).numpy()
@@ -93,8 +105,29 @@ def _summary(values: np.ndarray) -> dict[str, float]:
             "score": float(values[:, 2].mean()), "n": int(len(values))}
 
 
+def judge_agreement(finals: dict, utterances: list, easpm_emotions: list[str], judge, features) -> dict:  # noqa: ANN001
+    """EASPM (on the final mels) against the emotion judge (on their Griffin-Lim round trips, as the
+    evaluation hears them), and the outputs' level against the recordings of the same utterances."""
+    from rlhf_tts.data.resynthesis import griffin_lim_mels
+
+    ids = [u.utt_id for u in utterances if u.utt_id in finals]
+    by_id = {u.utt_id: u for u in utterances}
+    heard = judge.judge_mels(griffin_lim_mels([finals[i][0] for i in ids], features)).predictions
+    judged = np.array([easpm_emotions.index(judge.emotions[k]) for k in heard])
+    named = np.array([finals[i][1] for i in ids])
+    target = np.array([easpm_emotions.index(by_id[i].emotion) for i in ids])
+    level = [float(finals[i][0].mean() - by_id[i].mel.mean()) for i in ids]
+    confusion = np.zeros((len(easpm_emotions), len(easpm_emotions)), dtype=int)  # rows EASPM, columns the judge
+    np.add.at(confusion, (named, judged), 1)
+    return {"n": len(ids), "easpm_accuracy": float(np.mean(named == target)), "judge_accuracy": float(np.mean(judged == target)),
+            "agreement": float(np.mean(named == judged)), "level_offset": float(np.mean(level)),
+            "easpm_named": np.bincount(named, minlength=len(easpm_emotions)).tolist(),
+            "judge_named": np.bincount(judged, minlength=len(easpm_emotions)).tolist(),
+            "confusion_easpm_by_judge": confusion.tolist()}
+
+
 def reward_view(cfg: RunConfig, models: dict[str, str] | None, split: str, max_utts: int, steps: int,
-                stochastic: bool) -> dict:
+                stochastic: bool, with_judge: bool = False) -> dict:
     from rlhf_tts.data.pipeline import dataset_location
     from rlhf_tts.errors import InputError
     from rlhf_tts.eval.corpus import load_split
@@ -119,15 +152,29 @@ def reward_view(cfg: RunConfig, models: dict[str, str] | None, split: str, max_u
     utterances = load_split(dataset, split, max_utts or None, cfg.features)
     if not utterances:
         raise InputError(f"--split {split}: the split is empty")
+    judge = None
+    if with_judge:
+        from rlhf_tts.eval.judges.emotion import EmotionJudge, emotion_judge_location
+
+        judge_location = emotion_judge_location(cfg)
+        if not judge_location.exists():
+            raise InputError(f"--judge: no emotion judge at {judge_location.directory}: run the judges stage first")
+        judge = EmotionJudge.load(judge_location)
     result = {"split": split, "utterances": len(utterances), "steps": steps, "stochastic": stochastic,
+              "emotions": list(easpm.emotions),
               "temperature": cfg.evaluate.temperature, "chance_accuracy": 1 / len(easpm.emotions),
               "chance_log_prob": float(np.log(1 / len(easpm.emotions))), "models": {}}
     for name, path in models.items():
         model, vocab, _ = BaseModel(Path(path)).load("cpu")
         model.eval()
+        finals: dict | None = {} if judge is not None else None
         view = trajectory_view(model, vocab, easpm, utterances, steps, cfg.evaluate.temperature, stochastic,
-                               cfg.evaluate.seed, synthesis_batch(cfg.evaluate.synthesis_batch, torch.device("cpu")))
+                               cfg.evaluate.seed, synthesis_batch(cfg.evaluate.synthesis_batch, torch.device("cpu")),
+                               finals)
         result["models"][name] = {"path": path, "by_t": {f"{t:.2f}": v for t, v in view.items()}}
+        if judge is not None:
+            result["models"][name]["judge"] = judge_agreement(finals, utterances, list(easpm.emotions), judge,
+                                                              cfg.features)
     return result
 
 
@@ -156,6 +203,19 @@ def report_markdown(result: dict) -> str:
             lines.append(f"| {n} | {t} | " + " | ".join(
                 f"{by_emotion[e]['accuracy']:.0%} / {by_emotion[e]['log_prob']:.2f}" if e in by_emotion else "–"
                 for e in emotions) + " |")
+    judged = [n for n in names if "judge" in result["models"][n]]
+    if judged:
+        lines += ["", "## The reward against the judge (final outputs, t = 0)\n",
+                  "EASPM reads the final mel; the judge hears its Griffin-Lim round trip, as in the evaluation. "
+                  "Level: mean log-mel of the outputs minus that of the same utterances' recordings.\n",
+                  "| model | n | EASPM accuracy | judge accuracy | agreement | level (log-mel) | EASPM names | judge names |",
+                  "|---|---:|---:|---:|---:|---:|---|---|"]
+        for n in judged:
+            j = result["models"][n]["judge"]
+            lines.append(f"| {n} | {j['n']} | {j['easpm_accuracy']:.0%} | {j['judge_accuracy']:.0%} | {j['agreement']:.0%} | "
+                         f"{j['level_offset']:+.2f} | {' '.join(map(str, j['easpm_named']))} | "
+                         f"{' '.join(map(str, j['judge_named']))} |")
+        lines.append(f"\n(names: how many outputs each names as {', '.join(result['emotions'])}, in that order)")
     return "\n".join(lines) + "\n"
 
 
@@ -166,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-utts", type=int, default=50, help="an even stride of N utterances (0 = all)")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps (align.sampler_steps is 20)")
     parser.add_argument("--stochastic", action="store_true", help="the rollouts' stochastic sampler instead of the ODE")
+    parser.add_argument("--judge", action="store_true",
+                        help="also hear the final outputs with the emotion judge (needs the judges stage): agreement, level")
     parser.add_argument("--config")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -179,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"--model {spec!r}: expected NAME=DIR")
             models[name] = path
         cfg = load_config(args.config, args.overrides)
-        result = reward_view(cfg, models, args.split, args.max_utts, args.steps, args.stochastic)
+        result = reward_view(cfg, models, args.split, args.max_utts, args.steps, args.stochastic, args.judge)
     except (ConfigError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -80,6 +80,9 @@ def easpm_key(cfg: RunConfig) -> str:
     exclude = {"t_grid", "curve_split", "curve_seed", "eval_every", "checkpoint_every", "log_every", "threads", "device"}
     if cfg.easpm.data_parallel == 1:
         exclude.add("data_parallel")  # one process: the key (and model) of the versions before the option
+    for option in ("resynthesis_augment", "gain_augment"):
+        if getattr(cfg.easpm, option) == 0:
+            exclude.add(option)  # off: the key (and model) of the versions before the option
     return stable_hash(base_model_location(cfg).directory.name, cfg.easpm.model_dump(exclude=exclude), cfg.seed, EASPM_VERSION)
 
 
@@ -101,6 +104,7 @@ class NoisedItem:
     mel: torch.Tensor
     mu: torch.Tensor
     durations: torch.Tensor | None = None  # (n_phonemes,) MAS frames per phoneme; they sum to the length
+    resynthesised: torch.Tensor | None = None  # the mel's Griffin-Lim round trip (easpm.resynthesis_augment)
 
     @property
     def length(self) -> int:
@@ -144,8 +148,10 @@ def shared_timing_pair(a: NoisedItem, o: NoisedItem) -> tuple[NoisedItem, Noised
 
 @torch.no_grad()
 def prepare_items(base: GradTTS, rows: list[dict], mel_dir: Path, vocab, prior_emotion: str,  # noqa: ANN001
-                  device: torch.device, progress: ProgressFn | None = None, label: str = "") -> list[NoisedItem]:
-    """Mels of `rows` with `mu` from the frozen base encoder at the utterance's own MAS durations."""
+                  device: torch.device, progress: ProgressFn | None = None, label: str = "",
+                  resynthesised: dict | None = None) -> list[NoisedItem]:
+    """Mels of `rows` with `mu` from the frozen base encoder at the utterance's own MAS durations
+    (and, from `resynthesised`, utt_id → each mel's Griffin-Lim round trip, when given)."""
     from rlhf_tts.training.data import collate, load_utterances
 
     utterances = sorted(load_utterances(rows, mel_dir, vocab), key=lambda u: (u.mel.shape[1], u.utt_id))
@@ -162,9 +168,12 @@ def prepare_items(base: GradTTS, rows: list[dict], mel_dir: Path, vocab, prior_e
         prior = base.encode(text, durations=durations)
         for i, u in enumerate(chunk):
             n = int(batch.mel_lengths[i])
+            round_trip = None
+            if resynthesised is not None:
+                round_trip = torch.as_tensor(resynthesised[u.utt_id], dtype=batch.mel.dtype, device=device)[:, :n]
             items.append(NoisedItem(u.utt_id, u.speaker, u.emotion, int(text.emotion[i]),
                                     batch.mel[i, :, :n].contiguous(), prior.mu[i, :, :n].contiguous(),
-                                    durations[i, : int(text.lengths[i])].cpu()))
+                                    durations[i, : int(text.lengths[i])].cpu(), round_trip))
         if progress is not None:
             progress(label, min(start + 32, len(utterances)), len(utterances))
     return items
@@ -232,6 +241,12 @@ def sample_pairs(items: list[NoisedItem], groups: list[list[int]], cfg: EASPMCon
         second = int(torch.randint(len(members) - 1, (1,), generator=generator))
         second += second >= first
         a, o = items[members[first]], items[members[second]]
+        if cfg.resynthesis_augment > 0 and float(torch.rand(1, generator=generator)) < cfg.resynthesis_augment:
+            # Both of the pair heard through the vocoder, or neither: the pair still differs only in
+            # how it was spoken, and EASPM learns that the vocoder's smearing is no emotion.
+            if a.resynthesised is None or o.resynthesised is None:
+                raise ValueError(f"easpm.resynthesis_augment: no Griffin-Lim round trip loaded for {a.utt_id} / {o.utt_id}")
+            a, o = replace(a, mel=a.resynthesised), replace(o, mel=o.resynthesised)
         if cfg.pair_timing == "shared":
             # Both re-timed to one timing over the target's mu: the pair differs only in how the
             # words sound, as EASPO's candidates (one state, one mu) do.
@@ -249,6 +264,11 @@ def sample_pairs(items: list[NoisedItem], groups: list[list[int]], cfg: EASPMCon
     both = targets + others
     spans = [(s[0], n) for n, s in crops] + [(s[1], n) for n, s in crops]
     x0 = _pad_stack([x.mel[:, s : s + n] for x, (s, n) in zip(both, spans)], width)
+    if cfg.gain_augment > 0:
+        # One random level per pair, the same for both: loudness relative to the other candidate still
+        # counts, the absolute level (which a decoder drifts in) does not.
+        gain = (torch.rand(b, generator=generator) * 2 - 1) * cfg.gain_augment
+        x0 = x0 + torch.cat([gain, gain]).to(x0)[:, None, None]
     mu = _pad_stack([x.mu[:, s : s + n] for x, (s, n) in zip(both, spans)], width)
     lengths = torch.tensor([n for _, n in spans], device=x0.device)
     mask = (torch.arange(width, device=x0.device).unsqueeze(0) < lengths.unsqueeze(1)).unsqueeze(1).to(x0.dtype)
@@ -576,7 +596,17 @@ def _easpm_rank(ranks: Ranks, cfg: RunConfig, resume: bool, stop_after: int | No
     train_rows = [r for r in ctx.rows if r["split"] == "train"]
     curve_split, curve_rows = _split_rows(ctx.rows, ecfg.curve_split)
     mel_dir = ctx.dataset_dir / "mels"
-    train_items = prepare_items(base, train_rows, mel_dir, vocab, ecfg.prior_emotion, device, report, "easpm priors (train)")
+    resynthesised = None
+    if ecfg.resynthesis_augment > 0:
+        from rlhf_tts.data.resynthesis import resynthesised_split
+
+        if ranks.main:  # rank 0 builds the shared cache once; the others read it
+            resynthesised = resynthesised_split(cfg, "train", report, "easpm: griffin-lim train mels")
+        ranks.barrier()
+        if not ranks.main:
+            resynthesised = resynthesised_split(cfg, "train")
+    train_items = prepare_items(base, train_rows, mel_dir, vocab, ecfg.prior_emotion, device, report, "easpm priors (train)",
+                                resynthesised)
     curve_items = prepare_items(base, curve_rows, mel_dir, vocab, ecfg.prior_emotion, device, report,
                                 f"easpm priors ({curve_split})")
     train_groups, curve_groups = group_items(train_items, train_rows), group_items(curve_items, curve_rows)

@@ -10,10 +10,11 @@ standard deviation) and predicts valence, arousal and dominance in [0, 1].
 Training sees only the train split's recordings (mels cached by the data stage), never a generated
 utterance. Because every system is heard through a vocoder (Griffin-Lim by default) while the
 recordings are not, each training item is, with probability `judges.emotion_augment`, replaced by
-its own Griffin-Lim resynthesis (mel → Griffin-Lim → audio → log-mel), computed once and cached with
-the judge: the judge learns that the vocoder's smearing carries no emotion. Loss: cross-entropy with
-label smoothing 0.1, plus `emotion_vad_weight` × (MSE + mean over V, A, D of 1 − CCC) over the words
-of the batch that have trusted boundaries (see `rlhf_tts.eval.corpus`).
+its own Griffin-Lim resynthesis (mel → Griffin-Lim → audio → log-mel), computed once per split in the
+shared cache of `rlhf_tts.data.resynthesis` (EASPM can train on the same round trips): the judge
+learns that the vocoder's smearing carries no emotion. Loss: cross-entropy with label smoothing 0.1,
+plus `emotion_vad_weight` × (MSE + mean over V, A, D of 1 − CCC) over the words of the batch that
+have trusted boundaries (see `rlhf_tts.eval.corpus`).
 
 The judge is cached under `<cache_dir>/judges/emotion/<key>/`, the key hashing the dataset, the
 features, the `judges.emotion_*` fields and the seed (like the base model's `pretrain_key`), with
@@ -40,6 +41,7 @@ from torch import nn
 
 from rlhf_tts.config import FeatureConfig, RunConfig, stable_hash
 from rlhf_tts.data.emotions import EMOTIONS
+from rlhf_tts.data.resynthesis import length_batches as _length_batches, pad_mels as _pad
 from rlhf_tts.eval.metrics import macro_recall
 
 JUDGE_VERSION = 1
@@ -195,24 +197,6 @@ class JudgeOutput:
         return self.posteriors.argmax(axis=1)
 
 
-def _length_batches(lengths: Sequence[int], batch_size: int, min_size: int = 1) -> list[list[int]]:
-    """Indices grouped by length (little padding); a last batch under `min_size` joins the one before
-    (training needs >= 2 items per batch for batch normalisation)."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if len(batches) > 1 and len(batches[-1]) < min_size:
-        batches[-2].extend(batches.pop())
-    return batches
-
-
-def _pad(mels: Sequence[np.ndarray], index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    n = max(mels[i].shape[-1] for i in index)
-    batch = torch.zeros(len(index), mels[index[0]].shape[0], n)
-    for row, i in enumerate(index):
-        batch[row, :, : mels[i].shape[-1]] = torch.from_numpy(np.asarray(mels[i], dtype=np.float32))
-    return batch, torch.tensor([mels[i].shape[-1] for i in index])
-
-
 class EmotionJudge:
     """A trained judge with batched inference on mels or audio."""
 
@@ -268,29 +252,6 @@ class EmotionJudge:
 # ----------------------------------------------------------------------------- training
 
 
-def griffin_lim_mels(mels: Sequence[np.ndarray], features: FeatureConfig, progress: ProgressFn | None = None,
-                     label: str = "griffin-lim resynthesis", batch_size: int = 16) -> list[np.ndarray]:
-    """mel → Griffin-Lim audio → log-mel, the path every evaluated system's audio takes."""
-    from rlhf_tts.data.features import LogMel
-    from rlhf_tts.models.vocoder import GriffinLimVocoder
-
-    vocoder, extractor = GriffinLimVocoder(features), LogMel(features)
-    out: list[np.ndarray | None] = [None] * len(mels)
-    batches = _length_batches([m.shape[-1] for m in mels], batch_size)
-    done = 0
-    with torch.no_grad():
-        for index in batches:
-            batch, lengths = _pad(mels, index)
-            audio = vocoder(batch)
-            for row, i in enumerate(index):
-                n = int(lengths[row])
-                out[i] = extractor(audio[row, : n * features.hop_length]).numpy()[:, :n]
-            done += len(index)
-            if progress:
-                progress(label, done, len(mels))
-    return out  # type: ignore[return-value]
-
-
 def ccc(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Concordance correlation coefficient along dim 0 (per column)."""
     mx, my = x.mean(0), y.mean(0)
@@ -317,10 +278,11 @@ def train_emotion_judge(cfg: RunConfig, resume: bool = False, progress: Progress
 
 
 def _train_emotion_judge(cfg: RunConfig, resume: bool, progress: ProgressFn | None, tracker) -> JudgeLocation:  # noqa: ANN001
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint, restore, save_checkpoint
     from rlhf_tts.data.pipeline import dataset_location
+    from rlhf_tts.data.resynthesis import resynthesised_split
     from rlhf_tts.eval.corpus import load_split
     from rlhf_tts.training.pretrain import resolve_device
 
@@ -346,22 +308,20 @@ def _train_emotion_judge(cfg: RunConfig, resume: bool, progress: ProgressFn | No
     emotions = tuple(EMOTIONS)
     targets = np.array([emotions.index(u.emotion) for u in train])
     clean = [u.mel for u in train]
-    augmented_path = directory / "griffin_lim_mels.safetensors"
-    if augmented_path.is_file():
-        stored = load_file(str(augmented_path))
+    legacy = directory / "griffin_lim_mels.safetensors"  # where versions before the shared cache kept them
+    if legacy.is_file():
+        stored = load_file(str(legacy))
         augmented = [stored.get(u.utt_id, u.mel) for u in train]
         val_gl = [stored[f"val/{u.utt_id}"] for u in val]
     else:
-        # train items are resynthesised only when some will be used; val always (the vocoder-robustness monitor)
-        augmented = (griffin_lim_mels(clean, cfg.features, report, "judge: griffin-lim train mels")
-                     if jc.emotion_augment > 0 else clean)
-        val_gl = griffin_lim_mels([u.mel for u in val], cfg.features, report, "judge: griffin-lim val mels") if val else []
-        tmp = augmented_path.with_suffix(f".tmp-{os.getpid()}")
-        stored = {f"val/{u.utt_id}": m for u, m in zip(val, val_gl)}
-        if jc.emotion_augment > 0:
-            stored.update({u.utt_id: m for u, m in zip(train, augmented)})
-        save_file(stored, str(tmp))
-        tmp.replace(augmented_path)
+        # The shared round-trip cache (rlhf_tts.data.resynthesis): the same values this stage used to
+        # compute for itself, now reused by EASPM when it augments too. Train items only when some will
+        # be used; val always (the vocoder-robustness monitor).
+        resynthesised = (resynthesised_split(cfg, "train", report, "judge: griffin-lim train mels")
+                         if jc.emotion_augment > 0 else {})
+        augmented = [resynthesised.get(u.utt_id, u.mel) for u in train]
+        val_resynthesised = resynthesised_split(cfg, "val", report, "judge: griffin-lim val mels") if val else {}
+        val_gl = [val_resynthesised[u.utt_id] for u in val]
 
     torch.manual_seed(cfg.seed)
     net = EmotionJudgeNet(cfg.features.n_mels, jc.emotion_channels, jc.emotion_embedding_dim, len(emotions),
