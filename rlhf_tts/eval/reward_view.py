@@ -71,8 +71,12 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
             audio = easpm.embed_audio(x * prior.mask, prior.mask, torch.full((len(items),), t))
             logits = easpm.logits(audio, prompts)
             target = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-            hits[t].append(torch.stack([(logits.argmax(1) == targets).float(), target - logits.logsumexp(1),
+            named = logits.argmax(1)
+            hits[t].append(torch.stack([(named == targets).float(), target - logits.logsumexp(1),
                                         target, targets.float()], 1))
+            if t == 0.0 and finals is not None:  # the last step's end: the final outputs and EASPM's names
+                for row, u in enumerate(items):
+                    finals[u.utt_id] = (x[row, :, : int(prior.lengths[row])].numpy().copy(), int(named[row]))
 
         if 1.0 in hits:
             look(1.0)
@@ -87,10 +91,6 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
             t_next = round(1.0 - (i + 1) * h, 6)
             if t_next in hits:
                 look(t_next)
-        if finals is not None:
-            named = easpm.logits(easpm.embed_audio(x * prior.mask, prior.mask, torch.zeros(len(items))), prompts).argmax(1)
-            for row, u in enumerate(items):
-                finals[u.utt_id] = (x[row, :, : int(prior.lengths[row])].numpy().copy(), int(named[row]))
     out = {}
     for t, parts in hits.items():
         values = torch.cat(parts).numpy()
