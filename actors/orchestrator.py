@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -167,10 +168,14 @@ def start_actors(cfg: RunConfig, resume: bool, placement: tuple[object, int] | N
     d = cfg.distributed
     learner = LearnerActor.options(max_restarts=d.max_restarts, scheduling_strategy=at(0), **resources(0)).remote(
         cfg_json, resume)
-    reward = RewardActor.options(max_restarts=d.max_restarts, max_concurrency=1000, scheduling_strategy=at(1),
-                                 **resources(1)).remote(cfg_json)
+    # Rollout actors find the reward actor by a name unique to this run, not by a handle among their
+    # constructor arguments: a handle argument lives in the object store, and Ray cannot restart an actor
+    # whose constructor arguments were evicted there (ray-project/ray#53727).
+    reward_name = f"rlhf_tts-reward-{uuid.uuid4().hex[:12]}"
+    reward = RewardActor.options(name=reward_name, max_restarts=d.max_restarts, max_concurrency=1000,
+                                 scheduling_strategy=at(1), **resources(1)).remote(cfg_json)
     rollouts = [RolloutActor.options(max_restarts=d.max_restarts, scheduling_strategy=at(2 + i),
-                                     **resources(2 + i)).remote(cfg_json, reward, i)
+                                     **resources(2 + i)).remote(cfg_json, reward_name, i)
                 for i in range(d.num_rollout_actors)]
     return Actors(learner, reward, rollouts, pg, owns_placement=placement is None)
 

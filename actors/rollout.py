@@ -16,13 +16,13 @@ from rlhf_tts.training.align import align_seed, load_policy, load_prompts, rollo
 
 @ray.remote
 class RolloutActor:
-    def __init__(self, cfg_json: dict, reward_actor, actor_index: int) -> None:  # noqa: ANN001
+    def __init__(self, cfg_json: dict, reward_actor_name: str, actor_index: int) -> None:
         self.cfg = RunConfig.model_validate(cfg_json)
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.policy, vocab, _ = load_policy(self.cfg, self.device)
         self.prompts = load_prompts(self.cfg, vocab)
-        self.reward = reward_actor
+        self.reward = ray.get_actor(reward_actor_name)  # a name, so a restart needs nothing from the object store
         self.actor_index = actor_index
         self.version = 0
 

@@ -1,6 +1,7 @@
 """Data-parallel CPU training: the ranks' summed, weighted gradients are the global batch's, failures
 surface, and a data-parallel pretraining run resumes exactly."""
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import smoke_config
 from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint
-from rlhf_tts.training.data_parallel import Ranks, run_ranks
+from rlhf_tts.training import data_parallel
+from rlhf_tts.training.data_parallel import Ranks, loopback_interface, run_ranks
 
 
 def _model() -> torch.nn.Module:
@@ -111,3 +113,16 @@ def test_data_parallel_easpm_resumes_exactly(smoke_dataset, tmp_path):
     weights_b = load_file(str(location_b.final / "tensors.safetensors"))
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
+
+
+def test_loopback_interface_is_named_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gloo is pinned to the loopback interface by its platform name (Linux `lo`, macOS `lo0`); an
+    unlisted platform leaves gloo's own choice."""
+    for table, expected in (([(1, "lo"), (2, "eth0")], "lo"), ([(1, "lo0"), (4, "en0")], "lo0"),
+                            ([(2, "eth0")], None)):
+        monkeypatch.setattr(data_parallel.socket, "if_nameindex", lambda table=table: table)
+        assert loopback_interface() == expected
+    monkeypatch.delattr(data_parallel.socket, "if_nameindex")
+    assert loopback_interface() is None
+    monkeypatch.undo()
+    assert loopback_interface() in {name for _, name in socket.if_nameindex()}

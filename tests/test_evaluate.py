@@ -225,6 +225,11 @@ def test_evaluate_cli_reports_systems_with_cis_and_ranks_the_degraded_one_last(j
             if est["value"] is not None and est["low"] is not None:
                 assert est["low"] - 1e-9 <= est["value"] <= est["high"] + 1e-9
     assert "seconds per system" in printed and "base model" in printed
+    # rows after the base model are also compared with it on the same utterances (paired bootstrap)
+    assert report["baseline"] == "base model" and list(report["paired"]) == ["degraded"]
+    paired = report["paired"]["degraded"]["emo_sim"]
+    assert paired["value"] == pytest.approx(value("degraded", "emo_sim") - value("base model", "emo_sim"))
+    assert paired["low"] <= paired["value"] <= paired["high"] and "minus base model" in printed
     assert (out / "report.md").is_file() and (out / "per_utterance.csv").is_file()
     n_emotions = len(rows["base model"]["per_emotion"])  # one example utterance per emotion present
     assert (out / "plots" / "confusion.png").is_file() and len(list((out / "plots").glob("*_*.png"))) == n_emotions

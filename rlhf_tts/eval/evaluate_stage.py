@@ -169,6 +169,9 @@ def print_wide(console, renderable, width: int = 200) -> None:  # noqa: ANN001
 
 def print_report(console, report, folder: Path, notes: list[str]) -> None:  # noqa: ANN001
     print_wide(console, report.table())
+    paired = report.paired_table()
+    if paired is not None:
+        print_wide(console, paired)
     for note in notes:
         console.print(f"note: {note}")
     reused = report.info.get("reused_rows") or []

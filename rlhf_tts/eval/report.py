@@ -3,7 +3,9 @@
 `evaluate_systems` runs every system on the same held-out utterances, judges them
 (`rlhf_tts.eval.scoring`), and returns a `Report`: one `SystemResult` per system with an `Estimate`
 (value and 95 % CI) per metric, the same per emotion, the judge's confusion matrix and the seconds
-the system took (producing its audio + judging it). `Report.write(folder)` leaves
+the system took (producing its audio + judging it), and, for every row after the first model row,
+its paired difference from that row on the same utterances (`rlhf_tts.eval.paired`).
+`Report.write(folder)` leaves
 
 - `report.md` / `report.json`: the tables (JSON reloads with `Report.load`);
 - `per_utterance.csv`: every judgement of every system (for paired analyses);
@@ -29,6 +31,7 @@ import numpy as np
 
 from rlhf_tts.eval.corpus import EvalUtterance
 from rlhf_tts.eval.metrics import Estimate, bootstrap_weights, confusion_matrix, estimate, subset
+from rlhf_tts.eval.paired import paired_differences
 from rlhf_tts.eval.scoring import METRICS, Judges, References, compute_references, score_outputs
 from rlhf_tts.eval.system_cache import CachedRow, SystemCache
 
@@ -50,15 +53,17 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "system"
 
 
-def format_estimate(key: str, est: Estimate | None, ci: bool = True) -> str:
+def format_estimate(key: str, est: Estimate | None, ci: bool = True, signed: bool = False) -> str:
+    """`value [low, high]` in the metric's unit (percent columns ×100); `signed` (differences) shows +/−."""
     if est is None or not np.isfinite(est.value):
         return "–"
     scale, digits = (100.0, 1) if METRICS.get(key, ("", True, False))[2] else (1.0, 3 if key != "f0_rmse_st" else 2)
     if key.startswith("dnsmos") or key == "energy_rmse_db":
         digits = 2
-    text = f"{est.value * scale:.{digits}f}"
+    sign = "+" if signed else ""
+    text = f"{est.value * scale:{sign}.{digits}f}"
     if ci and np.isfinite(est.low):
-        text += f" [{est.low * scale:.{digits}f}, {est.high * scale:.{digits}f}]"
+        text += f" [{est.low * scale:{sign}.{digits}f}, {est.high * scale:{sign}.{digits}f}]"
     return text
 
 
@@ -104,6 +109,8 @@ class Report:
     bootstrap: int
     systems: list[SystemResult]
     info: dict = field(default_factory=dict)  # judges, vocoder, sampler settings, reference seconds …
+    baseline: str | None = None  # the row the later rows are compared with, pairwise (`paired`)
+    paired: dict[str, dict[str, Estimate]] = field(default_factory=dict)  # system → metric → system − baseline
 
     def system(self, name: str) -> SystemResult:
         for result in self.systems:
@@ -117,13 +124,16 @@ class Report:
         return {"split": self.split, "n_utterances": self.n_utterances, "emotions": self.emotions,
                 "confidence": self.confidence, "bootstrap": self.bootstrap, "info": self.info,
                 "metrics": {k: {"label": v[0], "higher_is_better": v[1], "percent": v[2]} for k, v in METRICS.items()},
-                "systems": [s.to_json() for s in self.systems]}
+                "systems": [s.to_json() for s in self.systems], "baseline": self.baseline,
+                "paired": {name: {k: v.to_json() for k, v in m.items()} for name, m in self.paired.items()}}
 
     @classmethod
     def load(cls, path: str | Path) -> "Report":
         data = json.loads(Path(path).read_text())
         return cls(data["split"], data["n_utterances"], data["emotions"], data["confidence"], data["bootstrap"],
-                   [SystemResult.from_json(s) for s in data["systems"]], data.get("info", {}))
+                   [SystemResult.from_json(s) for s in data["systems"]], data.get("info", {}), data.get("baseline"),
+                   {name: {k: Estimate.from_json(v) for k, v in m.items()}
+                    for name, m in data.get("paired", {}).items()})
 
     # ------------------------------------------------------------------ tables
 
@@ -149,6 +159,24 @@ class Report:
             table.add_row(s.name, str(s.n), *(format_estimate(k, s.metrics.get(k), ci) for k in keys), f"{s.seconds:.0f}")
         return table
 
+    def paired_table(self, metrics: Sequence[str] | None = CONSOLE_METRICS):  # noqa: ANN201 - rich Table | None
+        """Each later row minus the baseline on the same utterances, [paired bootstrap CI]; None without pairs."""
+        if not self.paired:
+            return None
+        from rich.table import Table
+
+        keys = [k for k in (metrics or METRICS) if any(k in m for m in self.paired.values())]
+        table = Table(title=f"minus {self.baseline}, same utterances [{100 * self.confidence:.0f} % paired "
+                      "bootstrap CI]; an interval clear of 0 is a difference")
+        table.add_column("system")
+        for key in keys:
+            _, higher, percent = METRICS[key]
+            table.add_column(f"Δ {SHORT_LABELS.get(key, key)}{' %' if percent else ''} {'↑' if higher else '↓'}",
+                             justify="right")
+        for name, m in self.paired.items():
+            table.add_row(name, *(format_estimate(k, m.get(k), signed=True) for k in keys))
+        return table
+
     def markdown(self) -> str:
         pct = 100 * self.confidence
         keys = self.metric_keys()
@@ -163,6 +191,19 @@ class Report:
         for s in self.systems:
             lines.append("| " + " | ".join([s.name, str(s.n)] + [format_estimate(k, s.metrics.get(k)) for k in keys]
                                            + [f"{s.seconds:.0f}"]) + " |")
+        if self.paired:
+            paired_keys = [k for k in METRICS if any(k in m for m in self.paired.values())]
+            lines += [f"\n## Against the {self.baseline} (paired)\n",
+                      f"Each row minus the {self.baseline} on the same utterances, with the {pct:.0f} % interval of "
+                      "one bootstrap that resamples utterances for both rows at once: the utterances' shared "
+                      "difficulty cancels, so this interval is narrower than the rows' own (an interval clear "
+                      "of 0 is a difference at that level; `rlhf_tts/eval/paired.py`).\n",
+                      "| system | " + " | ".join(f"Δ {METRICS[k][0]}{' %' if METRICS[k][2] else ''} "
+                                               f"{'↑' if METRICS[k][1] else '↓'}" for k in paired_keys) + " |",
+                      "|---|" + "---:|" * len(paired_keys)]
+            for name, m in self.paired.items():
+                lines.append(f"| {name} | " + " | ".join(format_estimate(k, m.get(k), signed=True)
+                                                         for k in paired_keys) + " |")
         lines.append("\nSystems: " + "; ".join(f"**{s.name}** ({s.kind}): {s.source}" for s in self.systems) + ".")
         scored = self.info.get("dnsmos_utterances")
         if scored and scored < self.n_utterances:
@@ -218,6 +259,11 @@ class Report:
                     metrics[f"{base}/{key}"] = est.value
                 if np.isfinite(est.low):
                     metrics[f"{base}/{key}_low"], metrics[f"{base}/{key}_high"] = est.low, est.high
+            for key, est in self.paired.get(s.name, {}).items():
+                if np.isfinite(est.value):
+                    metrics[f"{base}/paired_{key}"] = est.value
+                if np.isfinite(est.low):
+                    metrics[f"{base}/paired_{key}_low"], metrics[f"{base}/paired_{key}_high"] = est.low, est.high
             for emotion, values in s.per_emotion.items():
                 for key, est in values.items():
                     if np.isfinite(est.value):
@@ -260,6 +306,24 @@ def system_result(system, scores, emotions: list[str], seconds: float, timing: d
     confusion = confusion_matrix(scores.targets, scores.predictions, len(emotions)).tolist()
     return SystemResult(system.name, system.kind, system.source, len(scores.utt_ids), round(seconds, 2), overall,
                         per_emotion, confusion, missing, {k: round(v, 2) for k, v in timing.items()})
+
+
+def compare_with_baseline(results: Sequence[SystemResult], rows: Sequence[dict], emotions: Sequence[str],
+                          resamples: int, confidence: float, seed: int
+                          ) -> tuple[str | None, dict[str, dict[str, Estimate]]]:
+    """(baseline, {system: paired differences}): the first model row is the baseline (the base model in
+    the main job and in `rlhf_tts.evaluate`), and every row after it is compared with it."""
+    names = [r.name for r in results]
+    first = next((i for i, r in enumerate(results) if r.kind == "model"), None)
+    if first is None or first == len(results) - 1:
+        return None, {}
+    by_system: dict[str, list[dict]] = {name: [] for name in names}
+    for row in rows:
+        by_system.setdefault(row["system"], []).append(row)
+    baseline = names[first]
+    return baseline, {name: paired_differences(by_system[name], by_system[baseline], emotions, resamples, confidence,
+                                               seed + 500 + number)
+                      for number, name in enumerate(names) if number > first}
 
 
 def evaluate_systems(systems: Sequence, utterances: Sequence[EvalUtterance], judges: Judges, *, split: str,  # noqa: C901
@@ -327,9 +391,11 @@ def evaluate_systems(systems: Sequence, utterances: Sequence[EvalUtterance], jud
                 kept.setdefault(utt_id, {})[system.name] = mine[utt_id]
         if cache is not None:
             cache.save(key, CachedRow(result.to_json(), rows, mine))
+    baseline, paired = compare_with_baseline(results, all_rows, emotions, resamples, confidence, seed)
     report = Report(split, len(utterances), emotions, confidence, resamples, results,
                     {**(info or {}), "reference_seconds": round(reference_seconds, 2),
-                     "total_seconds": round(time.monotonic() - started, 2), "reused_rows": reused})
+                     "total_seconds": round(time.monotonic() - started, 2), "reused_rows": reused},
+                    baseline, paired)
     if out_dir is not None:
         folder = Path(out_dir)
         report.write(folder)

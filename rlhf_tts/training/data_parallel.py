@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
@@ -117,8 +118,19 @@ def rank_rng(saved: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, torch.Te
     return mine
 
 
+def loopback_interface() -> str | None:
+    """The loopback interface's name (`lo` on Linux, `lo0` on macOS and the BSDs), so gloo's sockets
+    stay on this machine; None where the platform cannot list interfaces (gloo then picks one)."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (AttributeError, OSError):
+        return None
+    return next((name for name in ("lo", "lo0") if name in names), None)
+
+
 def _join(store: Path, ranks: Ranks) -> None:
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
+    if "GLOO_SOCKET_IFNAME" not in os.environ and (loopback := loopback_interface()) is not None:
+        os.environ["GLOO_SOCKET_IFNAME"] = loopback  # loopback only; a user's own setting wins
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=ranks.rank,
                                          world_size=ranks.world, timeout=COLLECTIVE_TIMEOUT)
 
