@@ -78,3 +78,12 @@ def test_the_report_compares_rows_after_the_first_model_row_and_round_trips(tmp_
     assert again.baseline == "base model" and again.paired == paired
     assert "## Against the base model (paired)" in again.markdown() and "+10.0" in again.markdown()
     assert again.paired_table() is not None and Report("t", n, EMOTIONS, 0.95, 10, results[:2]).paired_table() is None
+
+
+def test_a_signed_difference_that_rounds_to_zero_prints_without_a_minus():
+    from rlhf_tts.eval.metrics import Estimate
+    from rlhf_tts.eval.report import format_estimate
+
+    assert format_estimate("duration_error", Estimate(-1e-6, -2e-6, 1e-6, 5), signed=True) == "+0.0 [+0.0, +0.0]"
+    assert format_estimate("wer", Estimate(-0.001, -0.021, 0.022, 5), signed=True) == "-0.1 [-2.1, +2.2]"
+    assert format_estimate("emo_sim", Estimate(0.4382, 0.40185, 0.47355, 5)) == "43.8 [40.2, 47.4]"

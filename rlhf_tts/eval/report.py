@@ -61,9 +61,13 @@ def format_estimate(key: str, est: Estimate | None, ci: bool = True, signed: boo
     if key.startswith("dnsmos") or key == "energy_rmse_db":
         digits = 2
     sign = "+" if signed else ""
-    text = f"{est.value * scale:{sign}.{digits}f}"
+
+    def show(x: float) -> str:
+        return f"{round(x * scale, digits) + 0.0:{sign}.{digits}f}"  # + 0.0: no "-0.0"
+
+    text = show(est.value)
     if ci and np.isfinite(est.low):
-        text += f" [{est.low * scale:{sign}.{digits}f}, {est.high * scale:{sign}.{digits}f}]"
+        text += f" [{show(est.low)}, {show(est.high)}]"
     return text
 
 
