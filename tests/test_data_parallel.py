@@ -114,7 +114,6 @@ def test_data_parallel_easpm_resumes_exactly(smoke_dataset, tmp_path):
     assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
 
 
-
 def test_loopback_interface_is_named_per_platform(monkeypatch: pytest.MonkeyPatch) -> None:
     """gloo is pinned to the loopback interface by its platform name (Linux `lo`, macOS `lo0`); an
     unlisted platform leaves gloo's own choice."""
