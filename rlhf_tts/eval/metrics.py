@@ -161,11 +161,16 @@ def bootstrap_weights(n: int, resamples: int, seed: int) -> np.ndarray:
 
 def estimate(metric: Metric, weights: np.ndarray, confidence: float = 0.95) -> Estimate:
     """The metric over all utterances, and the percentile interval of its bootstrap resamples."""
-    value = float(metric.over())
-    n = metric.n
+    return percentile_estimate(float(metric.over()), metric.n, lambda: metric.over(weights), confidence)
+
+
+def percentile_estimate(value: float, n: int, resampled: Callable[[], np.ndarray], confidence: float = 0.95
+                        ) -> Estimate:
+    """`value` with the percentile interval of `resampled()` (its finite entries); no interval when
+    nothing is counted or the value is not finite (then the resamples are not computed)."""
     if n == 0 or not np.isfinite(value):
         return Estimate(value, float("nan"), float("nan"), n)
-    samples = metric.over(weights)
+    samples = resampled()
     samples = samples[np.isfinite(samples)]
     if samples.size == 0:
         return Estimate(value, float("nan"), float("nan"), n)

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from rlhf_tts.eval.metrics import (Estimate, Metric, bootstrap_weights, macro_recall_metric, mean_metric,
-                                   ratio_metric)
+                                   percentile_estimate, ratio_metric)
 
 #: Per-utterance mean metrics a row may carry (prosody and DNSMOS columns of `UtteranceScores.rows`).
 MEAN_COLUMNS = ("emo_sim", "f0_corr", "f0_rmse_st", "energy_corr", "energy_rmse_db", "duration_error",
@@ -63,17 +63,8 @@ def paired_metrics(system_rows: Sequence[dict], baseline_rows: Sequence[dict], e
 
 def paired_difference(system: Metric, baseline: Metric, weights: np.ndarray, confidence: float = 0.95) -> Estimate:
     """system − baseline over all utterances, with the percentile interval of the same resamples of both."""
-    value = float(system.over() - baseline.over())
-    n = min(system.n, baseline.n)
-    if n == 0 or not np.isfinite(value):
-        return Estimate(value, float("nan"), float("nan"), n)
-    samples = system.over(weights) - baseline.over(weights)
-    samples = samples[np.isfinite(samples)]
-    if samples.size == 0:
-        return Estimate(value, float("nan"), float("nan"), n)
-    tail = (1.0 - confidence) / 2 * 100
-    low, high = np.percentile(samples, [tail, 100 - tail])
-    return Estimate(value, float(low), float(high), n)
+    return percentile_estimate(float(system.over() - baseline.over()), min(system.n, baseline.n),
+                               lambda: system.over(weights) - baseline.over(weights), confidence)
 
 
 def paired_differences(system_rows: Sequence[dict], baseline_rows: Sequence[dict], emotions: Sequence[str],
