@@ -14,6 +14,7 @@ from rlhf_tts.config import RunConfig
 
 def run_align_stage(cfg: RunConfig, console: Console, tracker, resume: bool = False) -> dict:  # noqa: ANN001
     from rlhf_tts.run import StageProgress, progress_bar
+    from rlhf_tts.training.align import fresh_pair_accuracy
 
     start = time.monotonic()
     with progress_bar(console) as progress:
@@ -26,6 +27,10 @@ def run_align_stage(cfg: RunConfig, console: Console, tracker, resume: bool = Fa
 
             location, summary = run_ray_alignment(cfg, resume, StageProgress(progress), tracker)
     summary = dict(summary, aligned_model=str(location.directory), wall_seconds=round(time.monotonic() - start, 2))
+    accuracy = fresh_pair_accuracy(summary.get("history", []))
+    if accuracy is not None:
+        summary["fresh_pair_accuracy"] = accuracy
+        tracker.log_metrics({"align/fresh_pair_accuracy": accuracy["value"]})
     out = Path(cfg.output_dir) / "align_summary.json"
     out.write_text(json.dumps(summary, indent=1, default=str))
     tracker.log_artifact(out, "align")
@@ -43,6 +48,10 @@ def run_align_stage(cfg: RunConfig, console: Console, tracker, resume: bool = Fa
                       f"(transport {summary['transport']}, learner {summary['learner']})")
     if "reward_batching" in summary:
         console.print(f"reward batching: {summary['reward_batching']}")
+    if accuracy is not None:
+        console.print(f"fresh-pair implicit accuracy (last {accuracy['updates']} updates, {accuracy['pairs']:.0f} "
+                      f"pairs never trained on): {accuracy['value']:.3f} (0.5: the policy's change does not yet "
+                      "prefer the reward's winners on new states)")
     console.print(f"aligned model: {location.final} ({summary['wall_seconds']:.0f} s)")
     return summary
 

@@ -6,6 +6,7 @@ of those twice."""
 from __future__ import annotations
 
 import uuid
+import warnings
 
 import ray
 import torch
@@ -22,7 +23,9 @@ class LearnerActor:
         device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         # A restarted actor (restart count > 0) always resumes: its first life wrote the checkpoints.
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray 2.60's own property reads its deprecated `actor_id` and warns
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self.core = LearnerCore(cfg, aligned_model_location(cfg), resume or restarted, device)
         # Calls queued while the actor restarts run on the new incarnation without an error, so every
         # answer names its incarnation: the driver sees a restart even when no call failed.

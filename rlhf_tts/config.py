@@ -217,9 +217,16 @@ class EASPMConfig(_Strict):
         "clean ESD only)")
     gain_augment: float = Field(
         0.0, ge=0.0, description="each training pair's recordings shifted by one random level in [-g, g] log-mel "
-        "units (both the same): the absolute level stops naming an emotion, the pair's relative level still does. "
+        "units (both the same), so the level names an emotion less (it still does: see level_invariant). "
         "A tiny decoder's outputs sit off the recordings' level, by -0.35 or +0.5 log-mel depending on the base "
         "model (reward_view --judge); tiny preset: 1.0")
+    level_invariant: bool = Field(
+        False, description="remove each state's own mean log-mel (over its valid bins and frames) before the audio "
+        "tower, so no level offset changes a score. With gain_augment alone EASPM still pays for level (reward_view's "
+        "level table: on the tiny val recordings a -1 log-mel offset raises Sad's target log-probability from -0.51 "
+        "to -0.19, +1 raises Angry's and Happy's), which a decoder shared by all emotions can collect by moving its "
+        "level. Off: on the tiny preset it lowered seed 0's Emo SIM (README). METHOD §2 open choice: the paper scores "
+        "the state as it is")
     # Training.
     steps: int = Field(1500, ge=1, description="tiny: at 1,000 the val curve's pair accuracy fell under 0.8 at t = 0.4")
     batch_pairs: int = Field(16, ge=1, description="(target, other) pairs per step; InfoNCE sees all 2x items")

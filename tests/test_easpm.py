@@ -81,6 +81,50 @@ def test_score_ignores_padding_and_batch_composition():
     assert torch.allclose(reward.score(explicit).scores, reward.score(r1).scores, atol=1e-6)
 
 
+def test_level_invariant_scores_ignore_each_states_own_level_and_nothing_else():
+    prompts = ["a happy voice", "an angry voice", "a sad voice"]
+    lengths = [40, 25, 33]
+    states, mask = _states(lengths, seed=3)
+    t = torch.tensor([0.0, 0.4, 0.8])
+    shift = torch.tensor([1.5, -2.0, 0.7]).reshape(-1, 1, 1)  # a different level offset per state
+    for invariant in (False, True):
+        model = _model(cfg=SMALL.model_copy(update={"level_invariant": invariant})).eval()
+        with torch.no_grad():  # per-bin stats as a trained model has them: recentring must respect them
+            model.set_normalisation(torch.linspace(-6.0, -2.0, 20), torch.linspace(1.0, 2.0, 20))
+        before = model.score(prompts, states, mask, t)
+        after = model.score(prompts, (states + shift) * mask, mask, t)
+        assert torch.allclose(before, after, atol=1e-4) == invariant
+        # Anything but a common offset still moves the score: a louder upper half of the bins.
+        tilted = states.clone()
+        tilted[:, 10:] += 1.0
+        assert not torch.allclose(before, model.score(prompts, tilted * mask, mask, t), atol=1e-3)
+    # Padding is outside the level: garbage there changes nothing.
+    padded = states + 9.0 * (1 - mask)
+    assert torch.allclose(model.score(prompts, padded, mask, t), before, atol=1e-5)
+
+
+def test_level_sensitivity_reads_each_emotions_target_log_probability_per_offset():
+    from types import SimpleNamespace
+
+    from rlhf_tts.eval.reward_view import level_sensitivity
+
+    states, _ = _states([30, 30, 30, 30], seed=5)
+    emotions = ["Neutral", "Angry", "Sad", "Sad"]
+    utterances = [SimpleNamespace(mel=states[i].numpy(), emotion=e) for i, e in enumerate(emotions)]
+    for invariant in (False, True):
+        model = EASPM(SMALL.model_copy(update={"level_invariant": invariant}), n_feats=20,
+                      emotions=("Neutral", "Angry", "Happy", "Sad", "Surprise")).eval()
+        result = level_sensitivity(model, utterances, offsets=(-1.0, 0.0, 2.0))
+        prompts = model.embed_prompts(model.default_prompts())
+        with torch.no_grad():  # offset 0, Sad: the mean of its two utterances' target log-probabilities, by hand
+            audio = model.embed_audio(states[2:], torch.ones(2, 1, 30), 0.0)
+            logp = torch.log_softmax(model.logits(audio, prompts), -1)
+        assert result["log_prob"]["Sad"][1] == pytest.approx(float(logp[:, 3].mean()), abs=1e-5)
+        assert np.isnan(result["log_prob"]["Happy"]).all() and [sum(r) for r in result["named"]] == [4, 4, 4]
+        flat = np.allclose(result["log_prob"]["Sad"], result["log_prob"]["Sad"][1], atol=1e-4)
+        assert flat == invariant  # a level-invariant EASPM cannot be moved by the level; the default can
+
+
 def test_log_softmax_reward_is_the_target_emotions_log_probability_and_ignores_a_shift_of_every_prompt():
     model = _model().eval()
     states, mask = _states([20, 30, 25])
@@ -420,8 +464,11 @@ def test_reward_view_reports_easpm_along_each_models_sampling_path(smoke_base, t
     assert confusion.sum(0).tolist() == judged["judge_named"]
     assert judged["agreement"] == pytest.approx(np.trace(confusion) / 6)
     assert np.isfinite(judged["level_offset"]) and 0.0 <= judged["judge_accuracy"] <= 1.0
+    level = result["level"]  # EASPM on the recordings under a level offset: every utterance named at every offset
+    assert level["offsets"] == [-1.0, -0.5, 0.0, 0.5, 1.0] and [sum(row) for row in level["named"]] == [6] * 5
     printed = capsys.readouterr().out
     assert "base: accuracy" in printed and "Per target emotion" in printed and "reward against the judge" in printed
+    assert "under a level offset" in printed
     assert main(["--model", f"bad={tmp_path}", *args]) == 2  # not a model folder: one-line error
 
 

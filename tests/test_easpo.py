@@ -152,6 +152,35 @@ def test_reward_matched_gradient_moves_log_ratio_margin_toward_reward_margin():
     assert float((l_w - l_l).mean()) > 0  # moved toward the (positive) reward margin
 
 
+def test_implicit_accuracy_on_fresh_pairs_rises_only_when_the_preference_carries_across_states():
+    from rlhf_tts.training.align import fresh_pair_accuracy, history_row
+
+    def noise_reward(request: ScoreRequest) -> ScoreResult:  # a winner that no direction of the state predicts
+        return ScoreResult(torch.randn(len(request), generator=torch.Generator().manual_seed(int(1e6 * request.t[0]))))
+
+    readings = {}
+    for name, reward in (("energy", emotion_energy_reward), ("noise", noise_reward)):
+        cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3)
+        learner = easpo.EASPOLearner(tiny_model(), cfg)
+        history = []
+        for seed in range(30):
+            generator = torch.Generator().manual_seed(seed)
+            pairs = easpo.rollout(learner.policy, text_batch(3, 9), cfg, reward, generator).batch
+            # (with autograd on, as the learner reads it: the no-grad kernels round differently, ~1e-8)
+            l_w, l_l = easpo.pair_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce)
+            before = easpo.implicit_accuracy(l_w, l_l)
+            history.append(history_row(learner.update(pairs), 1.0))
+            assert history[-1]["implicit_accuracy"] == pytest.approx(before, abs=1e-6)  # read before the step
+        readings[name] = fresh_pair_accuracy(history)
+        assert readings[name]["updates"] == 15 and readings[name]["pairs"] == sum(r["pairs"] for r in history[15:])
+    # The mean-level reward is one direction for every state: what the policy learned ranks new pairs' winners
+    # (slowly: each pair's winner differs from its loser mostly by noise the reward does not see).
+    assert readings["energy"]["value"] > 0.6
+    # A winner drawn by coin: the policy moves (it is trained), but nothing it learned carries to a new state.
+    assert 0.4 < readings["noise"]["value"] < 0.6
+    assert easpo.implicit_accuracy(torch.tensor([1.0, 0.0, -1.0, 2.0]), torch.zeros(4)) == 0.625  # tie: a half
+
+
 def test_spo_dpo_gradient_raises_margin_and_clipping_bounds_the_ratio():
     cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="spo_dpo", lr=1e-3, clip_eps=0.1)
     learner = easpo.EASPOLearner(tiny_model(), cfg)

@@ -36,6 +36,9 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     align = json.loads((out / "align_summary.json").read_text())
     assert align["updates"] == 4 and align["accounting_consistent"], align
     assert align["learner"]["pairs_consumed"] > 0  # the learner trained on pairs
+    fresh = align["fresh_pair_accuracy"]  # the last half of the updates' pairs, read before each step
+    assert fresh["updates"] == 2 and fresh["pairs"] == sum(row["pairs"] for row in align["history"][2:])
+    assert 0.0 <= fresh["value"] <= 1.0 and "fresh-pair implicit accuracy" in stdout
     report = json.loads((out / "evaluate" / "report.json").read_text())
     names = [system["name"] for system in report["systems"]]
     assert names[0].startswith("ground-truth") and "base model" in names and "aligned model" in names, names
@@ -53,7 +56,8 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     metrics = run.data.metrics
     assert metrics["data/utterances"] == 80 and run.data.params["preset"] == "smoke"
     for key in ("pretrain/total", "easpm/loss", "judges/check/emotion_recall", "judges/emotion/val_recall", "align/loss", "align/kept_fraction", "align/reward_margin",
-                "align/log_ratio_margin", "align/staleness", "align/pairs_per_s"):
+                "align/log_ratio_margin", "align/implicit_accuracy", "align/fresh_pair_accuracy", "align/staleness",
+                "align/pairs_per_s"):
         assert key in metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "data")}
     assert "data/data_summary.md" in artifacts

@@ -280,6 +280,13 @@ def preference_loss(l_w: Tensor, l_l: Tensor, score_w: Tensor, score_l: Tensor, 
     raise ValueError(f"objective: {cfg.objective!r}")
 
 
+def implicit_accuracy(l_w: Tensor, l_l: Tensor) -> float:
+    """Fraction of pairs whose log-ratio already ranks the winner first (ties count half): DPO's reward
+    accuracy. Measured before the update, on pairs the learner has never trained on, it says whether
+    what the policy learned so far carries to new states; 0.5 is no preference at all."""
+    return float(((l_w - l_l).detach().sign() + 1).mean() / 2)
+
+
 # ------------------------------------------------------------------------------------------ learner
 
 def frozen_copy(model: GradTTS) -> GradTTS:
@@ -336,7 +343,9 @@ class EASPOLearner:
         stats.update({
             "loss": float(loss.detach()), "grad_norm": float(grad_norm),
             "log_ratio_win": float(l_w.detach().mean()), "log_ratio_lose": float(l_l.detach().mean()),
-            "log_ratio_margin": float((l_w - l_l).detach().mean()), "log_ratio_abs_max": float(torch.cat([l_w, l_l]).detach().abs().max()),
+            "log_ratio_margin": float((l_w - l_l).detach().mean()),
+            "log_ratio_abs_max": float(torch.cat([l_w, l_l]).detach().abs().max()),
+            "implicit_accuracy": implicit_accuracy(l_w, l_l),  # l_w, l_l are from before this step
             "reward_margin": float((pairs.score_win - pairs.score_lose).mean()),
             "win_score": float(pairs.score_win.mean()),
         })

@@ -90,10 +90,12 @@ def systems_figure(utterance, outputs: dict, reference_f0: np.ndarray, features,
 
 
 def alignment_curves_figure(history: list[dict[str, float]], title: str, path: str | Path) -> Path:
-    """EASPO training curves against learner updates: loss, reward and log-ratio margins, kept pairs."""
+    """EASPO training curves against learner updates: loss, reward and log-ratio margins, kept pairs and
+    the implicit accuracy on fresh pairs (with its no-preference line at 0.5)."""
     plt = _pyplot()
     panels = [("loss", "loss"), ("reward_margin", "reward margin S_w - S_l"),
-              ("log_ratio_margin", "log-ratio margin l_w - l_l"), ("kept_fraction", "kept-pair fraction")]
+              ("log_ratio_margin", "log-ratio margin l_w - l_l"), ("kept_fraction", "kept-pair fraction"),
+              ("implicit_accuracy", "implicit accuracy, fresh pairs")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         points = [(row["updates"], row[key]) for row in history if key in row and "updates" in row]
@@ -104,6 +106,8 @@ def alignment_curves_figure(history: list[dict[str, float]], title: str, path: s
                 window = max(3, len(y) // 10)
                 smooth = np.convolve(y, np.ones(window) / window, mode="valid")
                 ax.plot(x[window - 1:], smooth, "-", lw=1.5)
+        if key == "implicit_accuracy":
+            ax.axhline(0.5, color="grey", lw=0.8, ls="--")  # no preference carried to new states
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("learner update", fontsize=7)
         ax.tick_params(labelsize=6)

@@ -126,6 +126,34 @@ def judge_agreement(finals: dict, utterances: list, easpm_emotions: list[str], j
             "confusion_easpm_by_judge": confusion.tolist()}
 
 
+LEVEL_OFFSETS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+
+
+@torch.no_grad()
+def level_sensitivity(easpm, utterances: list, offsets: tuple[float, ...] = LEVEL_OFFSETS,  # noqa: ANN001
+                      t: float = 0.0) -> dict:
+    """EASPM on the split's recordings shifted by a common level (log-mel units) at time t: per target
+    emotion the mean target log-probability at each offset, and how often each emotion is named.
+
+    A reward whose rows slope pays a decoder for moving its level, a change one decoder makes for every
+    emotion at once (`easpm.level_invariant` removes the state's own level before scoring: flat rows)."""
+    prompts = easpm.embed_prompts(easpm.default_prompts())
+    emotions = list(easpm.emotions)
+    log_prob = {e: [[] for _ in offsets] for e in emotions}
+    named = np.zeros((len(offsets), len(emotions)), dtype=int)
+    for u in utterances:
+        mel = torch.as_tensor(np.asarray(u.mel), dtype=torch.float32)[None]
+        states = torch.cat([mel + offset for offset in offsets])
+        audio = easpm.embed_audio(states, torch.ones(len(offsets), 1, mel.shape[-1]), t)
+        logp = torch.log_softmax(easpm.logits(audio, prompts), -1)
+        for j in range(len(offsets)):
+            log_prob[u.emotion][j].append(float(logp[j, emotions.index(u.emotion)]))
+            named[j, int(logp[j].argmax())] += 1
+    return {"t": t, "offsets": list(offsets),
+            "log_prob": {e: [float(np.mean(v)) if v else float("nan") for v in rows] for e, rows in log_prob.items()},
+            "named": named.tolist()}
+
+
 def reward_view(cfg: RunConfig, models: dict[str, str] | None, split: str, max_utts: int, steps: int,
                 stochastic: bool, with_judge: bool = False) -> dict:
     from rlhf_tts.data.pipeline import dataset_location
@@ -163,7 +191,8 @@ def reward_view(cfg: RunConfig, models: dict[str, str] | None, split: str, max_u
     result = {"split": split, "utterances": len(utterances), "steps": steps, "stochastic": stochastic,
               "emotions": list(easpm.emotions),
               "temperature": cfg.evaluate.temperature, "chance_accuracy": 1 / len(easpm.emotions),
-              "chance_log_prob": float(np.log(1 / len(easpm.emotions))), "models": {}}
+              "chance_log_prob": float(np.log(1 / len(easpm.emotions))),
+              "level": level_sensitivity(easpm, utterances), "models": {}}
     for name, path in models.items():
         model, vocab, _ = BaseModel(Path(path)).load("cpu")
         model.eval()
@@ -203,6 +232,17 @@ def report_markdown(result: dict) -> str:
             lines.append(f"| {n} | {t} | " + " | ".join(
                 f"{by_emotion[e]['accuracy']:.0%} / {by_emotion[e]['log_prob']:.2f}" if e in by_emotion else "–"
                 for e in emotions) + " |")
+    level = result.get("level")
+    if level:
+        offsets = level["offsets"]
+        lines += ["", f"## EASPM on the recordings under a level offset (t = {level['t']:g})\n",
+                  "Target log-probability per true emotion when every recording is shifted by the same level "
+                  "(log-mel units). A row that slopes is a reward that pays the decoder for moving its level.\n",
+                  "| emotion | " + " | ".join(f"{o:+g}" for o in offsets) + " |", "|---|" + "---:|" * len(offsets)]
+        for e, values in level["log_prob"].items():
+            lines.append(f"| {e} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+        lines.append("| named (" + " ".join(e[:2] for e in result["emotions"]) + ") | "
+                     + " | ".join(" ".join(map(str, row)) for row in level["named"]) + " |")
     judged = [n for n in names if "judge" in result["models"][n]]
     if judged:
         lines += ["", "## The reward against the judge (final outputs, t = 0)\n",

@@ -117,6 +117,12 @@ class PromptTokenizer:
 
 # ------------------------------------------------------------------------------------ building blocks
 
+def own_level(states: Tensor, mask: Tensor) -> Tensor:
+    """Each state's mean over its valid bins and frames (N, 1, 1): in log-mel units, its level."""
+    valid = (mask.sum(dim=(1, 2), keepdim=True) * states.shape[1]).clamp_min(1.0)
+    return (states * mask).sum(dim=(1, 2), keepdim=True) / valid
+
+
 def sinusoidal_embedding(t: Tensor, dim: int, scale: float = 1000.0) -> Tensor:
     """Grad-TTS's time embedding (t in [0, 1] scaled by 1000), (N,) → (N, dim)."""
     half = dim // 2
@@ -267,6 +273,8 @@ class EASPM(nn.Module):
     def embed_audio(self, states: Tensor, mask: Tensor, t: Tensor | float) -> Tensor:
         """Unit-norm audio embeddings of masked states (N, n_feats, T) at times t → (N, embed_dim)."""
         t = torch.as_tensor(t, dtype=states.dtype, device=states.device).reshape(-1).expand(states.shape[0])
+        if self.cfg.level_invariant:
+            states = states - own_level(states, mask) + self.mel_mean.mean()  # recentred where the stats expect it
         x = (states - self.mel_mean) / self.mel_std * mask
         return F.normalize(self.audio(x, mask, t), dim=-1)
 

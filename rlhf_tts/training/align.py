@@ -269,8 +269,24 @@ class LearnerCore:
 
 def history_row(stats: dict[str, float], pairs_per_s: float) -> dict[str, float]:
     """The per-update figures both loops keep for the training-curve plot."""
-    keys = ("updates", "loss", "reward_margin", "kept_fraction", "log_ratio_margin", "win_score", "staleness")
+    keys = ("updates", "pairs", "loss", "reward_margin", "kept_fraction", "log_ratio_margin", "implicit_accuracy",
+            "win_score", "staleness")
     return {k: float(stats[k]) for k in keys if k in stats} | {"pairs_per_s": float(pairs_per_s)}
+
+
+def fresh_pair_accuracy(history: list[dict[str, float]]) -> dict[str, float] | None:
+    """The learner's implicit accuracy on the pairs of the second half of its updates, pooled by pairs.
+
+    Each batch is scored before the learner steps on it, so these are pairs it has never trained on: above
+    0.5, the policy's change so far prefers the reward's winners on new states; at 0.5, whatever moved the
+    policy does not carry from one state to the next (the judge then sees side effects, not the reward)."""
+    rows = [r for r in history if "implicit_accuracy" in r and r.get("pairs", 0) > 0]
+    late = rows[len(rows) // 2:]
+    pairs = sum(r["pairs"] for r in late)
+    if not pairs:
+        return None
+    return {"value": sum(r["implicit_accuracy"] * r["pairs"] for r in late) / pairs, "pairs": pairs,
+            "updates": len(late)}
 
 
 # ------------------------------------------------------------------------------- in-process loop

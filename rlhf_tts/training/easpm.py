@@ -80,8 +80,8 @@ def easpm_key(cfg: RunConfig) -> str:
     exclude = {"t_grid", "curve_split", "curve_seed", "eval_every", "checkpoint_every", "log_every", "threads", "device"}
     if cfg.easpm.data_parallel == 1:
         exclude.add("data_parallel")  # one process: the key (and model) of the versions before the option
-    for option in ("resynthesis_augment", "gain_augment"):
-        if getattr(cfg.easpm, option) == 0:
+    for option in ("resynthesis_augment", "gain_augment", "level_invariant"):
+        if not getattr(cfg.easpm, option):
             exclude.add(option)  # off: the key (and model) of the versions before the option
     return stable_hash(base_model_location(cfg).directory.name, cfg.easpm.model_dump(exclude=exclude), cfg.seed, EASPM_VERSION)
 
