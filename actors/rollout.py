@@ -11,7 +11,7 @@ import torch
 from rlhf_tts.algos.easpo import PreferenceBatch, rollout
 from rlhf_tts.config import RunConfig
 from rlhf_tts.rewards.base import ScoreRequest, ScoreResult
-from rlhf_tts.training.align import align_seed, load_policy, load_prompts, rollout_generator
+from rlhf_tts.training.align import align_seed, load_policy, load_prompts, reward_needs_condition, rollout_generator
 
 
 @ray.remote
@@ -39,7 +39,8 @@ class RolloutActor:
         """Rollout number `index` with the current weights; the batch is tagged with their version."""
         text, _ = self.prompts.batch(index)
         result = rollout(self.policy, text.to(self.device), self.cfg.align, self._score,
-                         rollout_generator(align_seed(self.cfg), index, self.device), self.version, f"r{index}")
+                         rollout_generator(align_seed(self.cfg), index, self.device), self.version, f"r{index}",
+                         reward_needs_condition(self.cfg))
         batch = result.batch.to("cpu")
         batch.stats["actor"] = float(self.actor_index)
         return batch

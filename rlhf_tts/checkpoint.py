@@ -62,6 +62,14 @@ def _unflatten_optimizer(skeleton: dict[str, Any], tensors: dict[str, torch.Tens
     return {"state": state, "param_groups": skeleton["param_groups"]}
 
 
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write `data` as JSON so that a reader sees the old file or the whole new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def save_checkpoint(
     directory: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
     rng: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 3,

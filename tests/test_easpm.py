@@ -492,5 +492,26 @@ def test_x0_hat_input_scores_the_base_models_clean_estimate():
     assert not torch.allclose(noisy, expected, atol=1e-3)  # a different input really is used
     with pytest.raises(ValueError, match="Prior"):
         EASPMReward(model, base).score(request)
+    # a rollout's request carries the condition itself (mu, speaker), also through the reward actor's batching
+    carried = replace(request, mu=prior.mu, speaker=prior.speaker)
+    assert torch.allclose(EASPMReward(model, base).score(carried).scores, expected, atol=1e-5)
+    merged, sizes = concat_requests([replace(carried, states=carried.states[:1], mask=carried.mask[:1], t=carried.t[:1],
+                                             emotion=carried.emotion[:1], mu=carried.mu[:1], speaker=carried.speaker[:1]),
+                                     replace(carried, states=carried.states[1:], mask=carried.mask[1:], t=carried.t[1:],
+                                             emotion=carried.emotion[1:], mu=carried.mu[1:], speaker=carried.speaker[1:])])
+    assert sizes == [1, 1] and torch.equal(merged.speaker, prior.speaker) and torch.equal(merged.mu, prior.mu)
+    assert torch.allclose(EASPMReward(model, base).score(merged).scores, expected, atol=1e-5)
+    from rlhf_tts.algos import easpo  # so EASPO's rollouts can use it (they used to stop at the first pool)
+
+    align = load_config(None, ["preset=smoke", "align.threshold=0.0", "align.sampler_steps=4"]).align
+    pairs = easpo.rollout(base, text_batch(2, 7), align, EASPMReward(model, base).score, torch.Generator().manual_seed(0),
+                          send_condition=True)
+    assert len(pairs.batch) == 2 * len(easpo.preference_steps(4, *align.timestep_range()))
+    with pytest.raises(ValueError, match="mu and speaker"):  # without the condition it says what is missing
+        easpo.rollout(base, text_batch(2, 7), align, EASPMReward(model, base).score, torch.Generator().manual_seed(0))
+    from rlhf_tts.training.align import reward_needs_condition
+
+    assert reward_needs_condition(load_config(None, ["easpm.input=x0_hat"]))
+    assert not reward_needs_condition(load_config(None, []))
     with pytest.raises(ValueError, match="x0"):
         EASPMReward(model).score(request)

@@ -105,6 +105,22 @@ def test_no_pair_outside_the_timestep_range(t_range):
     assert bool((pairs.score_win > pairs.score_lose).all())
 
 
+def test_candidates_are_scored_at_the_time_they_are_states_of():
+    """Step i lands on time 1 - (i + 1) h (the drift is taken at the midpoint): the reward sees that
+    time, so the last step's candidates are scored at 0, never before it."""
+    cfg = align_cfg(threshold=0.0, sampler_steps=10, t_range="[0,0.75]")
+    seen: list[float] = []
+
+    def recording_reward(request: ScoreRequest) -> ScoreResult:
+        seen.extend(request.t.unique().tolist())
+        return emotion_energy_reward(request)
+
+    easpo.rollout(tiny_model(), text_batch(2, 9), cfg, recording_reward, torch.Generator().manual_seed(0))
+    steps = easpo.preference_steps(10, 0.0, 0.75)
+    assert seen == pytest.approx([1.0 - (i + 1) * 0.1 for i in steps], abs=1e-6)
+    assert min(seen) == pytest.approx(0.0, abs=1e-6)
+
+
 def test_pair_steps_one_yields_one_pair_per_trajectory():
     cfg = align_cfg(threshold=0.0, sampler_steps=10, pair_steps="one")
     result = easpo.rollout(tiny_model(), text_batch(4, 9), cfg, emotion_energy_reward, torch.Generator().manual_seed(3))

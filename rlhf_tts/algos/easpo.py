@@ -2,10 +2,10 @@
 
 A rollout denoises a batch of prompts with the current policy. At each *preference step* (a step
 whose time lies in `[t_lo, t_hi]`), k candidates are drawn from the same state with one
-score-network call, scored by a reward model at time `t - h`, and the best and worst form a
-(win, lose) pair that is kept when the softmax margin of their scores passes a threshold. The next
-state is one candidate chosen uniformly at random (or the winner, `greedy`). The learner then moves
-the policy's log-ratio against a frozen reference on those pairs.
+score-network call, scored by a reward model at the time they are states of (`candidate_time`), and
+the best and worst form a (win, lose) pair that is kept when the softmax margin of their scores
+passes a threshold. The next state is one candidate chosen uniformly at random (or the winner,
+`greedy`). The learner then moves the policy's log-ratio against a frozen reference on those pairs.
 
 The Ray actors call exactly these functions: `rollout` in a rollout actor (its `score_fn` sends the
 request to the reward actor), `EASPOLearner.update` in the learner actor.
@@ -35,6 +35,15 @@ def step_times(n_steps: int) -> list[float]:
     """Midpoint times t_i = 1 - (i + 0.5) h of Grad-TTS's sampler."""
     h = 1.0 / n_steps
     return [1.0 - (i + 0.5) * h for i in range(n_steps)]
+
+
+def candidate_time(t: float | Tensor, h: float | Tensor) -> float | Tensor:
+    """The time of a state one step on from midpoint time t: 1 - (i + 1) h = t - h / 2.
+
+    The sampler evaluates its drift at the step's midpoint, so the state it lands on belongs to the
+    step's end, not to t - h; candidates are scored there (before ALIGN_VERSION 2 they were scored at
+    t - h, h / 2 late, and the last step's at t = -h / 2, outside EASPM's training range)."""
+    return t - 0.5 * h
 
 
 def preference_steps(n_steps: int, t_lo: float, t_hi: float) -> list[int]:
@@ -114,6 +123,14 @@ class PreferenceBatch:
                 moved[name] = value.to(device)
         return PreferenceBatch(**moved)
 
+    def take(self, index: Tensor) -> "PreferenceBatch":
+        """The pairs at `index` (a subset, in that order), with the batch's version, id and stats."""
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for name, value in moved.items():
+            if isinstance(value, Tensor):
+                moved[name] = value[index.to(value.device)]
+        return PreferenceBatch(**moved)
+
     def prior(self) -> Prior:
         lengths = self.mask.sum(dim=(1, 2)).long()
         return Prior(self.mu, self.mask, lengths.unsqueeze(1), self.emotion, self.speaker, lengths)
@@ -140,14 +157,16 @@ class RolloutResult:
 @torch.no_grad()
 def rollout(
     policy: GradTTS, text: TextBatch, cfg: AlignConfig, score_fn: ScoreFn, generator: torch.Generator,
-    version: int = 0, rollout_id: str = "",
+    version: int = 0, rollout_id: str = "", send_condition: bool = False,
 ) -> RolloutResult:
     """Denoise `text` with the policy and collect preference pairs at the preference steps.
 
     `pair_steps = "one"` (the paper's wording) draws one step per trajectory uniformly from the
     preference range; `"all"` (SPO's code, the default) uses every step in range. Steps outside the
     range, and steps of a trajectory that is not at its chosen step, are plain stochastic steps.
-    The candidates are scored at time t - h: they are states of that time.
+    The candidates are scored at `candidate_time(t, h)`, the time they are states of. `send_condition`
+    adds each candidate's `mu` and speaker to its score request (a reward scoring the base model's clean
+    estimate needs them; others would only carry the extra bytes to the reward actor).
     """
     n = cfg.sampler_steps
     h = 1.0 / n
@@ -175,8 +194,11 @@ def rollout(
         flat = candidates.transpose(0, 1).reshape(batch * k, *candidates.shape[2:])  # item-major
         result = score_fn(ScoreRequest(
             states=flat, mask=prior.mask.repeat_interleave(k, 0),
-            t=torch.full((batch * k,), t - h, device=device), emotion=prior.emotion.repeat_interleave(k, 0),
+            t=torch.full((batch * k,), candidate_time(t, h), device=device),
+            emotion=prior.emotion.repeat_interleave(k, 0),
             durations=prior.durations.repeat_interleave(k, 0),
+            mu=prior.mu.repeat_interleave(k, 0) if send_condition else None,
+            speaker=prior.speaker.repeat_interleave(k, 0) if send_condition else None,
         ))
         scores = result.scores.to(device).reshape(batch, k).T  # (k, B)
         scored += batch * k

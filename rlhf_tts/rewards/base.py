@@ -26,7 +26,9 @@ class ScoreRequest:
 
     `emotion` (N,) is the target emotion index; `prompt` optional free-text prompts (len N) for
     prompt-tower models. `durations` (N, T_text), `word_frame_spans` and `utt_ids` are the utterance
-    context multi-level rewards use; single-score models ignore them.
+    context multi-level rewards use; single-score models ignore them. `mu` (N, n_feats, T) and `speaker`
+    (N,) are the items' decoder condition, which a reward that scores the base model's clean estimate
+    of each state (`easpm.input=x0_hat`) needs; rollouts fill them.
     """
 
     states: Tensor
@@ -37,6 +39,8 @@ class ScoreRequest:
     durations: Tensor | None = None
     word_frame_spans: list[list[tuple[int, int]]] | None = None
     utt_ids: list[str] | None = None
+    mu: Tensor | None = None
+    speaker: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.states.shape[0])
@@ -44,7 +48,8 @@ class ScoreRequest:
     def to(self, device: torch.device | str) -> "ScoreRequest":
         move = lambda x: None if x is None else x.to(device)  # noqa: E731
         return ScoreRequest(self.states.to(device), self.mask.to(device), self.t.to(device), self.emotion.to(device),
-                            self.prompt, move(self.durations), self.word_frame_spans, self.utt_ids)
+                            self.prompt, move(self.durations), self.word_frame_spans, self.utt_ids, move(self.mu),
+                            move(self.speaker))
 
 
 @dataclass
@@ -76,10 +81,12 @@ def concat_requests(requests: list[ScoreRequest]) -> tuple[ScoreRequest, list[in
     length = max(r.states.shape[-1] for r in requests)
     sizes = [len(r) for r in requests]
 
-    def cat_optional(name: str) -> Tensor | None:
+    def cat_optional(name: str, pad: bool = True) -> Tensor | None:
         values = [getattr(r, name) for r in requests]
         if any(v is None for v in values):
             return None
+        if not pad:
+            return torch.cat(values)
         width = max(v.shape[-1] for v in values)
         return torch.cat([_pad_time(v, width) for v in values])
 
@@ -96,6 +103,8 @@ def concat_requests(requests: list[ScoreRequest]) -> tuple[ScoreRequest, list[in
         durations=cat_optional("durations"),
         word_frame_spans=join_lists("word_frame_spans"),
         utt_ids=join_lists("utt_ids"),
+        mu=cat_optional("mu"),
+        speaker=cat_optional("speaker", pad=False),
     )
     return merged, sizes
 

@@ -14,8 +14,9 @@ emotion. A policy change that raises every prompt's score alike (a state EASPM f
 Input (METHOD §2 open choice, `easpm.input`): `noisy` scores the state x_t itself (default, the
 paper's wording). `x0_hat` scores the frozen base model's one-step clean estimate, as SPO's code
 does; that needs the base model's score and the items' prior (`mu`, speaker, emotion), which a
-`ScoreRequest` does not carry, so the reward takes either a callable `x0_fn(request) -> states` or
-the base `GradTTS` together with a `Prior` passed to `score(request, prior=...)`.
+request carries as `mu` and `speaker` (rollouts fill them), so the reward takes either a callable
+`x0_fn(request) -> states` or the base `GradTTS`, which reads them from the request (or from a `Prior`
+passed to `score(request, prior=...)`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ class EASPMReward:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.x0 = x0
+        if isinstance(x0, GradTTS):  # frozen: a differentiable score reaches the states, not the base model
+            x0.eval()
+            for p in x0.parameters():
+                p.requires_grad_(False)
         self.max_batch = max_batch
         self.device = model.logit_scale.device
         with torch.no_grad():
@@ -85,14 +90,23 @@ class EASPMReward:
         if self.x0 is None:
             raise ValueError("this EASPM scores x0_hat: give EASPMReward an x0 callable or the base GradTTS")
         if isinstance(self.x0, GradTTS):
+            if prior is None and request.mu is not None and request.speaker is not None:
+                lengths = request.mask.sum(dim=(1, 2)).long()
+                prior = Prior(request.mu, request.mask, lengths.unsqueeze(1), request.emotion, request.speaker, lengths)
             if prior is None:
-                raise ValueError("x0_hat from the base model needs the candidates' Prior: score(request, prior=...)")
+                raise ValueError("x0_hat from the base model needs the candidates' condition: a Prior "
+                                 "(score(request, prior=...)) or the request's mu and speaker")
             t = request.t.to(states.dtype).reshape(-1).expand(len(request))
             return self.x0.x0_estimate(states, t, prior) * request.mask
         return self.x0(request) * request.mask
 
     @torch.no_grad()
     def score(self, request: ScoreRequest, prior: Prior | None = None) -> ScoreResult:
+        return ScoreResult(self.differentiable_scores(request, prior).float())
+
+    def differentiable_scores(self, request: ScoreRequest, prior: Prior | None = None) -> torch.Tensor:
+        """The scores of `score` with autograd through the states (EASPM itself stays frozen): what
+        direct reward ascent (`rlhf_tts.training.reward_ascent`) backpropagates into the decoder."""
         request = request.to(self.device)
         prompts = self._prompt_embeddings(request)
         states = self._inputs(request, prior)
@@ -108,6 +122,6 @@ class EASPMReward:
                 others = others.scatter(1, own.unsqueeze(1), target.unsqueeze(1))
                 target = target - others.logsumexp(1)
             scores.append(target)
-        return ScoreResult(torch.cat(scores).float())
+        return torch.cat(scores)
 
     __call__ = score

@@ -25,7 +25,7 @@ from rlhf_tts.models.gradtts.model import GradTTS, TextBatch
 from rlhf_tts.training.data import Vocabulary
 from rlhf_tts.training.pretrain import BaseModel, base_model_location, resolve_device
 
-ALIGN_VERSION = 1
+ALIGN_VERSION = 2  # 2: candidates scored at their own time (easpo.candidate_time), not t - h
 ProgressFn = Callable[..., None]
 
 
@@ -160,6 +160,12 @@ def load_reward(cfg: RunConfig, device: torch.device | str = "cpu"):  # noqa: AN
     from rlhf_tts.rewards.easpm_reward import EASPMReward
 
     return EASPMReward.from_config(cfg, device, form=cfg.align.reward)
+
+
+def reward_needs_condition(cfg: RunConfig) -> bool:
+    """Whether score requests must carry each candidate's mu and speaker: an EASPM that scores the
+    base model's clean estimate (`easpm.input=x0_hat`) runs the base decoder on them."""
+    return cfg.easpm.input == "x0_hat"
 
 
 def load_prompts(cfg: RunConfig, vocab: Vocabulary) -> PromptSampler:
@@ -313,7 +319,8 @@ def run_inprocess_alignment(
     while core.updates < cfg.align.steps and (stop_after is None or core.updates < stop_after):
         text, _ = prompts.batch(index)
         result = rollout(core.learner.policy, text.to(device), cfg.align, reward.score,
-                         rollout_generator(align_seed(cfg), index, device), core.version, f"r{index}")
+                         rollout_generator(align_seed(cfg), index, device), core.version, f"r{index}",
+                         reward_needs_condition(cfg))
         if on_pairs is not None:
             on_pairs(index, result.batch)
         stats = core.update(result.batch)

@@ -28,7 +28,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint, load_model_weights, restore, save_checkpoint
+from rlhf_tts.checkpoint import (latest_checkpoint, load_checkpoint, load_model_weights, restore, save_checkpoint,
+                                 write_json_atomic)
 from rlhf_tts.config import EASPMConfig, RunConfig, stable_hash, stored_config
 from rlhf_tts.models.easpm import EASPM, default_prompt, paraphrases
 from rlhf_tts.models.gradtts import diffusion
@@ -546,12 +547,6 @@ def _curve(cfg: RunConfig, model: EASPM, ctx: _Context, device: torch.device, re
                     "input": ecfg.input, "prior_emotion": ecfg.prior_emotion}
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 def train_easpm(cfg: RunConfig, resume: bool = False, progress: ProgressFn | None = None, tracker=None,  # noqa: ANN001
                 stop_after: int | None = None) -> tuple[EASPMLocation, dict]:
     """Train (or reuse) the EASPM of `cfg`; returns its location and the accuracy-vs-t curve.
@@ -573,7 +568,7 @@ def train_easpm(cfg: RunConfig, resume: bool = False, progress: ProgressFn | Non
             return location, stored
         curve = _curve(cfg, location.load(device), _context(cfg, device), device, report)
         curve = stored | curve if stored else curve
-        _write_json(location.curve_path, curve)
+        write_json_atomic(location.curve_path, curve)
         return location, curve
     world = training_ranks(ecfg.data_parallel, device, ecfg.batch_pairs)
     return run_ranks(_easpm_rank, world, (cfg, resume, stop_after), (progress, tracker))
@@ -678,7 +673,7 @@ def _easpm_rank(ranks: Ranks, cfg: RunConfig, resume: bool, stop_after: int | No
     shutil.rmtree(final_tmp, ignore_errors=True)
     shutil.copytree(latest_checkpoint(location.checkpoints), final_tmp)
     shutil.rmtree(location.final, ignore_errors=True)
-    _write_json(location.curve_path, curve)  # written first: a model in final/ always has its curve
+    write_json_atomic(location.curve_path, curve)  # written first: a model in final/ always has its curve
     final_tmp.rename(location.final)
     return location, curve
 
