@@ -116,24 +116,20 @@ class PreferenceBatch:
     def __len__(self) -> int:
         return int(self.t.shape[0])
 
+    def _map_tensors(self, fn: Callable[[Tensor], Tensor]) -> "PreferenceBatch":
+        """Every tensor field through `fn`; version, id and stats carried over."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return PreferenceBatch(**{name: fn(v) if isinstance(v, Tensor) else v for name, v in values.items()})
+
     def to(self, device: torch.device | str) -> "PreferenceBatch":
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, Tensor):
-                moved[name] = value.to(device)
-        return PreferenceBatch(**moved)
+        return self._map_tensors(lambda v: v.to(device))
 
     def take(self, index: Tensor) -> "PreferenceBatch":
         """The pairs at `index` (a subset, in that order), with the batch's version, id and stats."""
-        moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        for name, value in moved.items():
-            if isinstance(value, Tensor):
-                moved[name] = value[index.to(value.device)]
-        return PreferenceBatch(**moved)
+        return self._map_tensors(lambda v: v[index.to(v.device)])
 
     def prior(self) -> Prior:
-        lengths = self.mask.sum(dim=(1, 2)).long()
-        return Prior(self.mu, self.mask, lengths.unsqueeze(1), self.emotion, self.speaker, lengths)
+        return Prior.for_decoder(self.mu, self.mask, self.emotion, self.speaker)
 
 
 def _empty_like_pairs(x: Tensor) -> Tensor:

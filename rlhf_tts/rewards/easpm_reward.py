@@ -91,8 +91,7 @@ class EASPMReward:
             raise ValueError("this EASPM scores x0_hat: give EASPMReward an x0 callable or the base GradTTS")
         if isinstance(self.x0, GradTTS):
             if prior is None and request.mu is not None and request.speaker is not None:
-                lengths = request.mask.sum(dim=(1, 2)).long()
-                prior = Prior(request.mu, request.mask, lengths.unsqueeze(1), request.emotion, request.speaker, lengths)
+                prior = Prior.for_decoder(request.mu, request.mask, request.emotion, request.speaker)
             if prior is None:
                 raise ValueError("x0_hat from the base model needs the candidates' condition: a Prior "
                                  "(score(request, prior=...)) or the request's mu and speaker")

@@ -51,6 +51,13 @@ class Prior:
     lengths: Tensor  # (B,) frames
     word_frame_spans: list[list[tuple[int, int]]] | None = None
 
+    @classmethod
+    def for_decoder(cls, mu: Tensor, mask: Tensor, emotion: Tensor, speaker: Tensor) -> "Prior":
+        """A prior rebuilt from what the decoder reads (mu, mask, conditions) where the encoder's
+        durations are gone: the whole utterance stands as one "phoneme" of its frame count."""
+        lengths = mask.sum(dim=(1, 2)).long()
+        return cls(mu, mask, lengths.unsqueeze(1), emotion, speaker, lengths)
+
     def repeat(self, k: int) -> "Prior":
         """The same prior k times along the batch (item-major: b0,b0,..,b1,b1,..)."""
         rep = lambda x: x.repeat_interleave(k, dim=0)  # noqa: E731
