@@ -205,8 +205,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 def make_prior(mu: torch.Tensor, mask: torch.Tensor, speaker: torch.Tensor, emotion: torch.Tensor) -> Prior:
     """A decoder-side Prior for cropped states (durations are not needed by the score network)."""
-    lengths = mask.sum((1, 2)).long()
-    return Prior(mu, mask, lengths.unsqueeze(1), emotion, speaker, lengths)
+    return Prior.for_decoder(mu, mask, emotion, speaker)
 
 
 def gradtts_x0(base: GradTTS) -> X0Fn:
