@@ -347,7 +347,10 @@ class AlignConfig(_Strict):
     threshold: float = Field(0.3, ge=0.0, lt=1.0, description="keep a pair if softmax([S_w, S_l]) margin > threshold (SPO: 0.3)")
     next_state: Literal["random", "greedy"] = Field("random", description="random: the paper; greedy collapses rollouts")
     pair_steps: Literal["all", "one"] = Field("all", description="all steps in range (SPO's code) or one sampled step")
-    objective: Literal["reward_matched", "spo_dpo"] = "reward_matched"
+    objective: Literal["reward_matched", "spo_dpo", "pool_matched"] = Field(
+        "reward_matched", description="reward_matched: (β Δlog-ratio - ΔS / reward_scale)² on the best/worst pair (the "
+        "paper's description); spo_dpo: -log σ(β Δclip(log-ratio)) (the authors' code); pool_matched: reward_matched "
+        "over all k(k-1)/2 pairs of each pool (not the paper's: every candidate's score against the pool's mean)")
     beta: float = Field(10.0, gt=0.0, description="log-ratio scale (SPO: 10 with mean-reduced log-ratios)")
     clip_eps: float = Field(0.1, gt=0.0, lt=1.0, description="spo_dpo: ratio clipped to [1 - eps, 1 + eps]")
     reduce: Literal["mean", "sum"] = Field("mean", description="log-ratio over elements (METHOD §1 open choice)")
@@ -357,8 +360,16 @@ class AlignConfig(_Strict):
     learner_crop_frames: int | None = Field(
         None, ge=8, description="train on a random window of this many frames of each pair (None: the whole "
         "utterance); the learner's cost falls in proportion, as Grad-TTS's decoder training on segments")
-    lr: float = Field(1e-5, gt=0.0, description="decoder AdamW lr, the paper's 1e-5 (on the tiny preset 1e-4 "
-                      "collapsed every judge metric within 60 updates, with either align.reward)")
+    candidate_window: bool = Field(
+        False, description="draw a pool's candidates with common noise outside one random window of "
+        "learner_crop_frames frames, which the learner then trains on (not the paper's: each pair's score difference "
+        "then comes from the frames the learner sees; needs learner_crop_frames)")
+    candidate_level: Literal["own", "shared"] = Field(
+        "own", description="shared: a pool's windowed candidates share their mean over the window (still exact draws), "
+        "so the reward cannot rank them by overall level (not the paper's; needs candidate_window)")
+    lr: float = Field(1e-5, gt=0.0, description="decoder AdamW lr, the paper's 1e-5 (on the tiny preset 1e-4 with "
+                      "best/worst pairs collapsed every judge metric within 60 updates; its pool_matched default "
+                      "takes 1e-4)")
     weight_decay: float = Field(1e-4, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     sync_every: int = Field(1, ge=1, description="learner steps between weight broadcasts (M)")
@@ -380,6 +391,10 @@ class AlignConfig(_Strict):
         lo, hi = self.timestep_range()
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"t_range: [{lo}, {hi}] must satisfy 0 <= t_lo < t_hi <= 1")
+        if self.candidate_window and not self.learner_crop_frames:
+            raise ValueError("candidate_window: needs learner_crop_frames (the window's size)")
+        if self.candidate_level == "shared" and not self.candidate_window:
+            raise ValueError("candidate_level: shared needs candidate_window (the level is the window's)")
         h = 1.0 / self.sampler_steps
         if not any(lo <= 1.0 - (i + 0.5) * h <= hi for i in range(self.sampler_steps)):
             raise ValueError(f"t_range: no sampler step of {self.sampler_steps} falls in [{lo}, {hi}]")
@@ -575,11 +590,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # EASPM trained with one random level per pair (easpm.gain_augment): the tiny decoder's outputs sit off
     # the recordings' level (-0.35 log-mel for this base model), which the clean-trained EASPM read as an
     # emotion (Sad), and EASPO lowered the judge's Emo SIM on three seeds; with it, EASPO raised it (README).
-    "tiny": {"align": {"threshold": 0.05, "learner_crop_frames": 64, "sampler_steps": 10, "reward": "log_softmax"},
+    # Alignment on whole pools (not the paper's): on t <= 0.3 EASPM's exact gradient raised the judges and
+    # best/worst pairs, even 1,290 of them, did not follow it (their score-function estimate is mostly
+    # noise at this scale); every candidate of a 32-pool against the pool's mean, candidates differing in
+    # the learner's 64-frame window only and sharing one level there (a level-sensitive EASPM otherwise
+    # drags some seeds' level off the recordings'), and the ascent's lr 1e-4 (docs/findings.md, *Whole pools*).
+    "tiny": {"align": {"threshold": 0.05, "learner_crop_frames": 64, "sampler_steps": 10, "reward": "log_softmax",
+                       "objective": "pool_matched", "k": 32, "candidate_window": True, "candidate_level": "shared",
+                       "t_range": [0.0, 0.3], "lr": 1e-4},
              "easpm": {"gain_augment": 1.0},
              "pretrain": {"data_parallel": 2},
              "judges": {"check_max_utts": 125},
-             "distributed": {"rollout_num_cpus": 2.0},
+             # Two reward CPUs: a rollout now waits on 3 x 128-candidate scorings (its two CPUs idle meanwhile).
+             "distributed": {"rollout_num_cpus": 2.0, "reward_num_cpus": 2.0},
              "evaluate": {"include_recordings": False}},
     # Published sizes: ESD English has 10 speakers x 350 sentences x 5 emotions; Grad-TTS's encoder
     # has 192 channels and 6 layers, its decoder base width 64 with multipliers (1, 2, 4).

@@ -168,6 +168,63 @@ def test_reward_matched_gradient_moves_log_ratio_margin_toward_reward_margin():
     assert float((l_w - l_l).mean()) > 0  # moved toward the (positive) reward margin
 
 
+def test_rollouts_ship_whole_pools_only_for_the_pool_objective():
+    pairs = _pairs(tiny_model(), align_cfg(threshold=0.0, sampler_steps=8, k=5))
+    assert pairs.pool.shape[:2] == (len(pairs), 0) and pairs.pool_scores.shape == (len(pairs), 0)
+    pooled = _pairs(tiny_model(), align_cfg(threshold=0.0, sampler_steps=8, k=5, objective="pool_matched"))
+    assert torch.equal(pooled.x_win, pairs.x_win) and torch.equal(pooled.score_lose, pairs.score_lose)  # same draws
+    assert pooled.pool.shape == (len(pairs), 5, *pairs.x_win.shape[1:]) and pooled.pool_scores.shape == (len(pairs), 5)
+    rows = torch.arange(len(pairs))
+    win, lose = pooled.pool_scores.argmax(dim=1), pooled.pool_scores.argmin(dim=1)
+    assert torch.equal(pooled.pool[rows, win], pooled.x_win) and torch.equal(pooled.pool[rows, lose], pooled.x_lose)
+    assert torch.equal(pooled.pool_scores.amax(dim=1), pooled.score_win)
+    # every candidate of a pool is scored as the reward sees it
+    flat = pooled.pool.reshape(-1, *pooled.pool.shape[2:])
+    request = ScoreRequest(flat, pooled.mask.repeat_interleave(5, 0), pooled.t.repeat_interleave(5), pooled.emotion.repeat_interleave(5))
+    assert torch.allclose(emotion_energy_reward(request).scores.view(-1, 5), pooled.pool_scores, atol=1e-6)
+
+
+def test_pool_matched_is_reward_matched_over_every_pair_of_the_pool():
+    cfg = align_cfg(objective="pool_matched", beta=3.0, reward_scale=2.0)
+    g = torch.Generator().manual_seed(0)
+    l_pool, scores = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    loss = easpo.pool_matched_loss(l_pool, scores, cfg)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    single = align_cfg(objective="reward_matched", beta=3.0, reward_scale=2.0)
+    explicit = torch.stack([easpo.preference_loss(l_pool[:, i], l_pool[:, j], scores[:, i], scores[:, j], single)
+                            for i, j in pairs]).mean(dim=0)
+    assert torch.allclose(loss, explicit, atol=1e-5)
+    # k = 2: the paper's reward_matched on that one pair
+    two = easpo.pool_matched_loss(l_pool[:, :2], scores[:, :2], cfg)
+    assert torch.allclose(two, easpo.preference_loss(l_pool[:, 0], l_pool[:, 1], scores[:, 0], scores[:, 1], single))
+    with pytest.raises(ValueError, match="pools"):
+        easpo.pool_matched_loss(l_pool[:, :0], scores[:, :0], cfg)
+
+
+def test_pool_matched_gradient_moves_every_candidates_log_ratio_toward_its_centred_score():
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, k=6, objective="pool_matched", lr=3e-3, beta=10.0)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    pairs = _pairs(learner.policy, cfg)
+    target = (pairs.pool_scores - pairs.pool_scores.mean(dim=1, keepdim=True)) / cfg.reward_scale
+
+    def residual() -> float:
+        with torch.no_grad():
+            l_pool = easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce).pool
+        centred = cfg.beta * (l_pool - l_pool.mean(dim=1, keepdim=True))
+        return float((centred - target).abs().mean()), float((centred * target).sum())
+
+    before, agreement_before = residual()
+    assert agreement_before == pytest.approx(0.0, abs=1e-6)  # policy = reference: every log-ratio is 0
+    for _ in range(15):
+        learner.update(pairs)
+    after, agreement_after = residual()
+    assert after < 0.7 * before and agreement_after > 0
+    # the log-ratios of the whole pool come from one policy call per state, the winner's among them
+    ratios = easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce)
+    rows = torch.arange(len(pairs))
+    assert torch.allclose(ratios.pool[rows, pairs.pool_scores.argmax(dim=1)], ratios.win, atol=1e-5)
+
+
 def test_implicit_accuracy_on_fresh_pairs_rises_only_when_the_preference_carries_across_states():
     from rlhf_tts.training.align import fresh_pair_accuracy, history_row
 
@@ -273,6 +330,16 @@ def test_crop_pairs_cuts_one_window_inside_each_utterance():
         assert torch.equal(cropped.t[i], pairs.t[i]) and torch.equal(cropped.x_t[i], pairs.x_t[i, :, starts[0]:starts[0] + frames])
 
 
+def test_crop_pairs_cuts_every_candidate_of_a_pool_at_its_pairs_window():
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, k=3, objective="pool_matched")
+    pairs = _pairs(tiny_model(), cfg)
+    cropped = easpo.crop_pairs(pairs, 8, torch.Generator().manual_seed(0))
+    assert cropped.pool.shape == (len(pairs), 3, pairs.x_t.shape[1], 8)
+    rows = torch.arange(len(pairs))
+    assert torch.equal(cropped.pool[rows, pairs.pool_scores.argmax(dim=1)], cropped.x_win)
+    assert torch.equal(cropped.pool[rows, pairs.pool_scores.argmin(dim=1)], cropped.x_lose)
+
+
 def test_learner_on_cropped_pairs_starts_at_zero_log_ratio_and_moves_the_margin():
     cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3, learner_crop_frames=8)
     learner = easpo.EASPOLearner(tiny_model(), cfg)
@@ -299,3 +366,76 @@ def test_placement_bundles_carry_each_actors_resources():
     assert rollouts == [{"CPU": 1.0, "GPU": 0.5, "rollout_node": 1.0}] * 2
     cpu_only = bundles(cfg, gpus_available=False)  # a CPU machine: GPU requests are dropped, not unschedulable
     assert all("GPU" not in b for b in cpu_only)
+
+
+def test_windowed_candidates_differ_only_inside_their_window_and_are_still_the_policys_draws():
+    g = torch.Generator().manual_seed(0)
+    mean, variance = torch.randn(3, 4, 32, generator=g), torch.tensor(0.25)
+    starts = torch.tensor([0, 5, 24])
+    draws = easpo.windowed_candidates(mean, variance, 6, starts, 8, g)
+    assert draws.shape == (6, 3, 4, 32)
+    for b, s in enumerate(starts.tolist()):
+        outside = torch.ones(32, dtype=torch.bool)
+        outside[s:s + 8] = False
+        assert torch.equal(draws[:, b][..., outside], draws[:1, b][..., outside].expand(6, -1, -1))  # common noise
+        inside = draws[:, b, :, s:s + 8]
+        assert bool((inside[0] != inside[1]).all())  # independent inside
+    many = easpo.windowed_candidates(torch.zeros(1, 8, 16), torch.tensor(4.0), 4000, torch.tensor([4]), 8, g)
+    assert float(many[:, 0, :, 4:12].mean()) == pytest.approx(0.0, abs=0.02)
+    assert float(many[:, 0, :, 4:12].std()) == pytest.approx(2.0, rel=0.02)  # N(mean, variance) per element
+    assert float(many[:, 0, :, :4].std(dim=0).max()) == 0.0  # shared outside the window
+
+
+def test_candidate_window_pairs_differ_only_in_their_window_and_are_cut_there():
+    with pytest.raises(ValueError, match="learner_crop_frames"):
+        align_cfg(candidate_window=True)
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, k=4, objective="pool_matched", candidate_window=True,
+                    learner_crop_frames=8, reduce="sum", lr=3e-3)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    pairs = _pairs(learner.policy, cfg)
+    assert len(pairs) and pairs.x_t.shape[-1] > 8 and bool((pairs.window_start >= 0).all())
+    lengths = pairs.mask.sum(dim=(1, 2)).long()
+    assert bool((pairs.window_start + 8 <= lengths.clamp_min(8)).all())  # inside the valid frames
+    for i, s in enumerate(pairs.window_start.tolist()):
+        outside = torch.ones(pairs.x_t.shape[-1], dtype=torch.bool)
+        outside[s:s + 8] = False
+        assert torch.equal(pairs.x_win[i][..., outside], pairs.x_lose[i][..., outside])
+    cropped = easpo.crop_pairs(pairs, 8, torch.Generator().manual_seed(123))  # the generator is not consulted
+    for i, s in enumerate(pairs.window_start.tolist()):
+        assert torch.equal(cropped.pool[i], pairs.pool[i, ..., s:s + 8])
+    # Any two means: the candidates' log-ratio differences live in the window's frames alone
+    from rlhf_tts.models.gradtts import diffusion
+
+    g = torch.Generator().manual_seed(1)
+    mean, ref_mean = torch.randn(pairs.x_t.shape, generator=g), torch.randn(pairs.x_t.shape, generator=g)
+    in_window = torch.zeros_like(pairs.mask)
+    for i, s in enumerate(pairs.window_start.tolist()):
+        in_window[i, :, s:s + 8] = pairs.mask[i, :, s:s + 8]
+
+    def ratios(mask):
+        return torch.stack([diffusion.gaussian_log_ratio(pairs.pool[:, j], mean, ref_mean, 0.3, mask, "sum")
+                            for j in range(4)], dim=1)
+
+    whole, window = ratios(pairs.mask), ratios(in_window)
+    assert not torch.allclose(whole, window)  # the log-ratios themselves differ …
+    assert torch.allclose(whole - whole[:, :1], window - window[:, :1], atol=1e-3)  # … their differences do not
+
+
+def test_shared_level_candidates_differ_in_no_overall_level_and_are_still_exact_draws():
+    with pytest.raises(ValueError, match="candidate_level"):
+        align_cfg(candidate_level="shared", learner_crop_frames=8)
+    g = torch.Generator().manual_seed(0)
+    draws = easpo.windowed_candidates(torch.zeros(2, 8, 16), torch.tensor(1.0), 500, torch.tensor([0, 8]), 8, g, True)
+    for b, s in enumerate((0, 8)):
+        window = draws[:, b, :, s:s + 8]
+        levels = window.mean(dim=(1, 2))
+        assert float((levels - levels[0]).abs().max()) < 1e-6  # one level for the whole pool
+        assert float(window.std()) == pytest.approx(1.0, rel=0.03)  # the other directions as before
+        assert float((window[0] - window[1]).abs().max()) > 0.5  # candidates still differ inside
+    # across pools the shared level has the variance of a mean of 64 unit draws: exact N(mean, variance) draws
+    levels = torch.stack([easpo.windowed_candidates(torch.zeros(1, 8, 16), torch.tensor(1.0), 2, torch.tensor([4]), 8,
+                                                    g, True)[0, 0, :, 4:12].mean() for _ in range(3000)])
+    assert float(levels.var()) == pytest.approx(1 / 64, rel=0.1)
+    own = torch.stack([easpo.windowed_candidates(torch.zeros(1, 8, 16), torch.tensor(1.0), 2, torch.tensor([4]), 8,
+                                                 g)[:, 0, :, 4:12].mean(dim=(1, 2)) for _ in range(300)])
+    assert float((own[:, 0] - own[:, 1]).abs().mean()) > 0.05  # without it, the candidates' levels differ

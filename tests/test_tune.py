@@ -48,6 +48,17 @@ def test_shipped_spaces_load_and_hold_the_paper_ablations():
         "align.objective": "choice", "align.beta": "loguniform", "align.lr": "loguniform",
         "align.threshold": "uniform", "align.next_state": "choice"}
     assert objective.settings.search == "optuna" and objective.settings.scheduler == "asha"
+    # On the tiny preset (pool_matched, windowed candidates, t <= 0.3, lr 1e-4) the paper's ablations
+    # still sweep the paper's method, and kappa still decides the range it sweeps
+    for name in ("ablation_k", "ablation_timestep", "k_by_timestep", "kappa"):
+        align = spaces[name].base_config().align
+        assert (align.objective, align.candidate_window, align.candidate_level, align.lr) == (
+            "reward_matched", False, "own", 1e-5), name
+    assert spaces["objective"].base_config().align.candidate_window is False
+    kappa = spaces["kappa"]
+    assert kappa.resolve({"align.kappa": 0.5}).align.timestep_range() == (0.0, 0.5)
+    pool = spaces["pool"].base_config().align
+    assert (pool.objective, pool.candidate_window, spaces["pool"].grid_size()) == ("pool_matched", True, 9)
 
 
 @pytest.mark.parametrize("text,fragment", [
@@ -91,7 +102,8 @@ def test_the_default_metric_needs_the_judges_stage(tmp_path):
 
 def test_every_combination_of_grids_is_checked(tmp_path):
     """Each value is fine alone; one combination is not (sampler_steps=1 leaves no step in [0, 0.3])."""
-    path = write_space(tmp_path, "space:\n  align.sampler_steps: {grid: [1, 20]}\n"
+    path = write_space(tmp_path, "base: {align: {t_range: [0.0, 1.0]}}\n"  # the tiny preset's [0, 0.3] fails alone
+                                 "space:\n  align.sampler_steps: {grid: [1, 20]}\n"
                                  "  align.t_range: {grid: [[0.0, 0.3], [0.0, 1.0]]}\n")
     with pytest.raises(SpaceError, match=r"space: combination .*no sampler step"):
         load_space(path)
@@ -163,7 +175,7 @@ def test_trial_placement_group_is_sized_from_the_trial_config(tmp_path):
     space = load_space(path, ["distributed.placement_strategy=SPREAD",
                               "distributed.rollout_resources={rollout_node: 1}",
                               "distributed.learner_num_gpus=1", "distributed.rollout_num_gpus=0.25",
-                              "distributed.rollout_num_cpus=1.5"])
+                              "distributed.rollout_num_cpus=1.5", "distributed.reward_num_cpus=1"])
     factory = trial_resources(space, gpus=True)({"distributed.num_rollout_actors": 3})
     assert factory.strategy == "SPREAD"
     trial, learner, reward, *rollouts = factory.bundles

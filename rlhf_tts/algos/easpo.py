@@ -6,6 +6,10 @@ score-network call, scored by a reward model at the time they are states of (`ca
 the best and worst form a (win, lose) pair that is kept when the softmax margin of their scores
 passes a threshold. The next state is one candidate chosen uniformly at random (or the winner,
 `greedy`). The learner then moves the policy's log-ratio against a frozen reference on those pairs.
+Three options are not the paper's (the tiny preset takes all three): `pool_matched` trains on every
+candidate of a kept pool instead of its best/worst pair, `candidate_window` draws a pool's
+candidates so that they differ only inside the window the learner crops to, and `candidate_level`
+`shared` gives them one overall level in that window.
 
 The Ray actors call exactly these functions: `rollout` in a rollout actor (its `score_fn` sends the
 request to the reward actor), `EASPOLearner.update` in the learner actor.
@@ -14,6 +18,7 @@ request to the reward actor), `EASPOLearner.update` in the learner actor.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field, fields
 from typing import Callable, Literal
 
@@ -49,6 +54,61 @@ def candidate_time(t: float | Tensor, h: float | Tensor) -> float | Tensor:
 def preference_steps(n_steps: int, t_lo: float, t_hi: float) -> list[int]:
     """Indices of sampler steps whose time lies in [t_lo, t_hi] (κ = 0.25 → [0, 0.75], the paper's)."""
     return [i for i, t in enumerate(step_times(n_steps)) if t_lo <= t <= t_hi]
+
+
+def crop_frames(cfg: AlignConfig, length_multiple: int) -> int | None:
+    """`learner_crop_frames` rounded up to the U-Net's length multiple (None: whole utterances)."""
+    if not cfg.learner_crop_frames:
+        return None
+    return -(-cfg.learner_crop_frames // length_multiple) * length_multiple
+
+
+def window_starts(mask: Tensor, frames: int, generator: torch.Generator) -> Tensor:
+    """(B,) start of one uniformly placed window of `frames` inside each item's valid frames (CPU, long);
+    an item shorter than the window starts at 0."""
+    lengths = mask.sum(dim=(1, 2)).long().cpu()
+    draw = torch.rand(len(lengths), generator=generator, device=generator.device).cpu()
+    return (draw * (lengths - frames + 1).clamp_min(1)).long()
+
+
+def window_index(starts: Tensor, frames: int, like: Tensor) -> Tensor:
+    """(B, ..., frames) frame indices of each item's window, shaped to gather/scatter along like's last axis."""
+    index = (starts.unsqueeze(1) + torch.arange(frames)).to(like.device)
+    return index.reshape(index.shape[0], *([1] * (like.dim() - 2)), frames).expand(*like.shape[:-1], frames)
+
+
+def windowed_candidates(mean: Tensor, variance: Tensor, k: int, starts: Tensor, frames: int,
+                        generator: torch.Generator, shared_level: bool = False) -> Tensor:
+    """k draws of N(mean, variance) (B, n_feats, T) → (k, B, n_feats, T) that share their noise outside
+    one window per item (common random numbers).
+
+    Not in the paper. Each candidate is still an exact draw of the policy's step (the next state may be
+    any of them), but two candidates differ only inside the window: their score difference is caused
+    by those frames alone, and so is the difference of their log-ratios: the learner, cropping to the
+    same window, loses none of it (with `reduce=sum`; `mean` divides it by the window's size; up to the
+    U-Net seeing the crop's edges) instead of reading a window's share of it. The score-function
+    estimate's noise grows with the dimension the candidates differ in, so a 64-frame window of a
+    ~265-frame utterance gives each pair about 4x the signal.
+
+    `shared_level` also gives the candidates one common mean over the window (each one's own noise
+    has its mean replaced by a draw shared by the pool, of the same variance, so every candidate is
+    still an exact draw): they then cannot differ in the window's overall level, the one direction in
+    which a level-sensitive reward's preference is the same at every state and would add up across
+    updates (on the tiny preset, a decoder whose level drifts away from the recordings' loses the judge).
+    """
+    shared = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
+    noise = shared.unsqueeze(0).repeat(k, *([1] * mean.dim()))
+    own = torch.randn((k, *mean.shape[:-1], frames), generator=generator, device=generator.device).to(mean)
+    if shared_level:
+        axes = tuple(range(2, own.dim()))
+        level = torch.randn((1, mean.shape[0], *([1] * (own.dim() - 2))), generator=generator,
+                            device=generator.device).to(mean) / math.sqrt(own[0, 0].numel())
+        own = own - own.mean(dim=axes, keepdim=True) + level
+    noise.scatter_(-1, window_index(starts, frames, noise.transpose(0, 1)).transpose(0, 1), own)
+    std = variance.sqrt()
+    if std.dim() == 1:  # per-item times
+        std = std.reshape(1, -1, *([1] * (mean.dim() - 1)))
+    return mean.unsqueeze(0) + std * noise
 
 
 # --------------------------------------------------------------------------------------- selection
@@ -93,7 +153,8 @@ class PreferenceBatch:
     """Kept (win, lose) pairs with everything the learner needs to recompute both policies' means.
 
     All tensors share the leading pair axis P. `version` is the policy version the rollout used;
-    `rollout_id` names the rollout so the learner never trains on the same one twice.
+    `rollout_id` names the rollout so the learner never trains on the same one twice. `pool` carries
+    all k candidates only for `objective=pool_matched` (empty otherwise: no extra bytes in transport).
     """
 
     x_t: Tensor  # (P, n_feats, T) state the candidates were drawn from
@@ -109,6 +170,9 @@ class PreferenceBatch:
     score_lose: Tensor  # (P,)
     trajectory: Tensor  # (P,) index of the prompt within its rollout
     step: Tensor  # (P,) sampler step index
+    pool: Tensor  # (P, k, n_feats, T) every candidate of the pair's pool; (P, 0, ...) unless the objective uses it
+    pool_scores: Tensor  # (P, k) their scores; (P, 0) likewise
+    window_start: Tensor  # (P,) first frame of the window the pool's candidates differ in; -1: they differ everywhere
     version: int = 0
     rollout_id: str = ""
     stats: dict[str, float] = field(default_factory=dict)
@@ -176,6 +240,10 @@ def rollout(
         choice = torch.randint(len(in_range), (batch,), generator=generator, device=generator.device)
         chosen_step = torch.tensor(in_range, device=device)[choice.to(device)]
     active_any = set(in_range)
+    keep_pool = uses_pool(cfg)
+    window = crop_frames(cfg, policy.length_multiple) if cfg.candidate_window else None
+    if window is not None and window >= x.shape[-1]:
+        window = None  # the whole (padded) utterance is one window: the learner will not crop either
     parts: list[dict[str, Tensor]] = []
     produced = scored = 0
     margins: list[Tensor] = []
@@ -185,7 +253,14 @@ def rollout(
             noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
             x = (mean + variance.sqrt() * noise) * prior.mask
             continue
-        candidates, _, _ = policy.candidates(x, t, h, prior, cfg.k, generator, cfg.guidance)
+        if window is None:
+            candidates, _, _ = policy.candidates(x, t, h, prior, cfg.k, generator, cfg.guidance)
+            starts = torch.full((batch,), -1, dtype=torch.long)
+        else:
+            mean, variance = policy.reverse_step_mean(x, t, h, prior, cfg.guidance)
+            starts = window_starts(prior.mask, window, generator)
+            candidates = windowed_candidates(mean, variance, cfg.k, starts, window, generator,
+                                             cfg.candidate_level == "shared") * prior.mask
         k = candidates.shape[0]
         flat = candidates.transpose(0, 1).reshape(batch * k, *candidates.shape[2:])  # item-major
         result = score_fn(ScoreRequest(
@@ -218,6 +293,9 @@ def rollout(
                 "x_win": candidates[win, cols][idx], "x_lose": candidates[lose, cols][idx],
                 "score_win": scores[win, cols][idx], "score_lose": scores[lose, cols][idx],
                 "trajectory": idx, "step": torch.full((idx.numel(),), i, device=device, dtype=torch.long),
+                "pool": (candidates if keep_pool else candidates[:0]).transpose(0, 1)[idx],
+                "pool_scores": (scores if keep_pool else scores[:0]).T[idx],
+                "window_start": starts.to(device)[idx],
             })
         x, _ = choose_next(candidates, scores, cfg.next_state, generator)
         x = x * prior.mask
@@ -229,7 +307,9 @@ def rollout(
     like = {"x_t": x, "t": prior.lengths.float(), "h": prior.lengths.float(), "mu": prior.mu, "mask": prior.mask,
             "speaker": prior.speaker, "emotion": prior.emotion, "x_win": x, "x_lose": x,
             "score_win": prior.lengths.float(), "score_lose": prior.lengths.float(),
-            "trajectory": prior.lengths, "step": prior.lengths}
+            "trajectory": prior.lengths, "step": prior.lengths,
+            "pool": x.unsqueeze(1)[:, :0], "pool_scores": prior.lengths.float().unsqueeze(1)[:, :0],
+            "window_start": prior.lengths}
     pairs = PreferenceBatch(**{key: _concat(parts, key, like[key]) for key in like},
                             version=version, rollout_id=rollout_id, stats=stats)
     return RolloutResult(pairs, x, prior)
@@ -238,25 +318,28 @@ def rollout(
 # --------------------------------------------------------------------------------------------- crop
 
 def crop_pairs(pairs: PreferenceBatch, frames: int, generator: torch.Generator) -> PreferenceBatch:
-    """Each pair cut to one random window of `frames` frames of its utterance (shorter ones: from 0).
+    """Each pair cut to one window of `frames` frames of its utterance (shorter ones: from 0).
 
     The learner's cost is a U-Net forward and backward per pair over the whole utterance; a window
     is an unbiased sample of the mean-reduced log-ratio's elements at a fraction of the cost, the way
     Grad-TTS trains its decoder on random segments. Policy and reference see the same window, so
-    the log-ratio is still exactly 0 at the start.
+    the log-ratio is still exactly 0 at the start. Pairs whose candidates were drawn to differ in one
+    window (`align.candidate_window`) are cut at that window; others at one drawn from `generator`.
     """
     total = pairs.x_t.shape[-1]
     if frames >= total:
         return pairs
-    lengths = pairs.mask.sum(dim=(1, 2)).long().cpu()
-    starts = (torch.rand(len(pairs), generator=generator) * (lengths - frames + 1).clamp_min(1)).long()
-    index = (starts.unsqueeze(1) + torch.arange(frames)).to(pairs.x_t.device)
+    if len(pairs) and bool((pairs.window_start >= 0).all()):
+        starts = pairs.window_start.cpu()
+    else:
+        lengths = pairs.mask.sum(dim=(1, 2)).long().cpu()
+        starts = (torch.rand(len(pairs), generator=generator) * (lengths - frames + 1).clamp_min(1)).long()
 
-    def cut(x: Tensor) -> Tensor:
-        return torch.gather(x, 2, index.unsqueeze(1).expand(-1, x.shape[1], -1))
+    def cut(x: Tensor) -> Tensor:  # (P, ..., T) → (P, ..., frames), the same window along every middle axis
+        return torch.gather(x, -1, window_index(starts, frames, x))
 
     moved = {f.name: getattr(pairs, f.name) for f in fields(pairs)}
-    for name in ("x_t", "mu", "mask", "x_win", "x_lose"):
+    for name in ("x_t", "mu", "mask", "x_win", "x_lose", "pool"):
         moved[name] = cut(moved[name])
     return PreferenceBatch(**moved)
 
@@ -268,9 +351,27 @@ def clipped_log_ratio(log_ratio: Tensor, eps: float) -> Tensor:
     return log_ratio.clamp(torch.log1p(torch.tensor(-eps)).item(), torch.log1p(torch.tensor(eps)).item())
 
 
-def pair_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch, reduce: str, guidance: float = 1.0
-                    ) -> tuple[Tensor, Tensor]:
-    """(l_w, l_l): log π_θ(x|x_t) - log π_ref(x|x_t) of winner and loser, with gradient through π_θ."""
+def uses_pool(cfg: AlignConfig) -> bool:
+    """Whether rollouts must ship every candidate of a pool (only `pool_matched` reads them)."""
+    return cfg.objective == "pool_matched"
+
+
+@dataclass
+class StepLogRatios:
+    """log π_θ(x|x_t) - log π_ref(x|x_t) of the pairs' winners, losers and (pool_matched) whole pools."""
+
+    win: Tensor  # (P,)
+    lose: Tensor  # (P,)
+    pool: Tensor  # (P, k), or (P, 0) when the batch carries no pools
+
+
+def step_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch, reduce: str, guidance: float = 1.0
+                    ) -> StepLogRatios:
+    """Log-ratios of every candidate the batch carries, gradient through π_θ only.
+
+    One policy and one reference call per state whatever k is: the candidates of a pool share x_t, so
+    they share both means and differ only in the point the Gaussians are read at.
+    """
     prior = pairs.prior()
     score = policy.score(pairs.x_t, pairs.t, prior, guidance)
     with torch.no_grad():
@@ -282,11 +383,29 @@ def pair_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch,
     variance = variance.reshape(-1) if variance.dim() > 1 else variance
     l_w = diffusion.gaussian_log_ratio(pairs.x_win, mean, ref_mean, variance, pairs.mask, reduce)
     l_l = diffusion.gaussian_log_ratio(pairs.x_lose, mean, ref_mean, variance, pairs.mask, reduce)
-    return l_w, l_l
+    n, k = pairs.pool.shape[:2]
+    if k == 0:
+        return StepLogRatios(l_w, l_l, l_w.new_zeros(n, 0))
+
+    def per_candidate(x: Tensor) -> Tensor:
+        return x.repeat_interleave(k, 0)
+
+    l_pool = diffusion.gaussian_log_ratio(
+        pairs.pool.reshape(n * k, *pairs.pool.shape[2:]), per_candidate(mean), per_candidate(ref_mean),
+        per_candidate(variance) if variance.dim() == 1 else variance, per_candidate(pairs.mask), reduce,
+    ).reshape(n, k)
+    return StepLogRatios(l_w, l_l, l_pool)
+
+
+def pair_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch, reduce: str, guidance: float = 1.0
+                    ) -> tuple[Tensor, Tensor]:
+    """(l_w, l_l): log π_θ(x|x_t) - log π_ref(x|x_t) of winner and loser, with gradient through π_θ."""
+    ratios = step_log_ratios(policy, reference, pairs, reduce, guidance)
+    return ratios.win, ratios.lose
 
 
 def preference_loss(l_w: Tensor, l_l: Tensor, score_w: Tensor, score_l: Tensor, cfg: AlignConfig) -> Tensor:
-    """Per-pair loss of the configured objective.
+    """Per-pair loss of a single-pair objective.
 
     reward_matched (the paper's description): (β (l_w - l_l) - (S_w - S_l) / reward_scale)²;
     spo_dpo (the authors' code): -log σ(β (clip(l_w) - clip(l_l))).
@@ -295,7 +414,30 @@ def preference_loss(l_w: Tensor, l_l: Tensor, score_w: Tensor, score_l: Tensor, 
         return (cfg.beta * (l_w - l_l) - (score_w - score_l) / cfg.reward_scale).pow(2)
     if cfg.objective == "spo_dpo":
         return -F.logsigmoid(cfg.beta * (clipped_log_ratio(l_w, cfg.clip_eps) - clipped_log_ratio(l_l, cfg.clip_eps)))
-    raise ValueError(f"objective: {cfg.objective!r}")
+    raise ValueError(f"objective: {cfg.objective!r} is not a single-pair objective")
+
+
+def pool_matched_loss(l_pool: Tensor, scores: Tensor, cfg: AlignConfig) -> Tensor:
+    """reward_matched's loss averaged over all k(k-1)/2 pairs of each pool: (P, k) → (P,).
+
+    Not the paper's (it keeps the best/worst pair of a pool); an option for small-compute runs. With
+    a_i = β l_i - S_i / reward_scale, mean_{i<j} (a_i - a_j)² = 2 / (k - 1) · Σ_i (a_i - ā)², so at the
+    reference (l = 0) the gradient is ∝ -Σ_i (S_i - S̄) ∇ log π_θ(x_i | x_t): the score-function
+    estimate of the reward's gradient with the pool's mean as baseline (RLOO/GRPO's), from k
+    samples per state instead of the two extremes. For k = 2 it is reward_matched exactly.
+    """
+    k = l_pool.shape[1]
+    if k < 2:
+        raise ValueError("pool_matched needs the batch's pools (k >= 2); was it rolled out with another objective?")
+    a = cfg.beta * l_pool - scores / cfg.reward_scale
+    return (a - a.mean(dim=1, keepdim=True)).pow(2).sum(dim=1) * (2.0 / (k - 1))
+
+
+def objective_loss(ratios: StepLogRatios, pairs: PreferenceBatch, cfg: AlignConfig) -> Tensor:
+    """Per-pair (per-pool) loss of `cfg.objective`."""
+    if cfg.objective == "pool_matched":
+        return pool_matched_loss(ratios.pool, pairs.pool_scores, cfg)
+    return preference_loss(ratios.win, ratios.lose, pairs.score_win, pairs.score_lose, cfg)
 
 
 def implicit_accuracy(l_w: Tensor, l_l: Tensor) -> float:
@@ -346,12 +488,13 @@ class EASPOLearner:
             self._advance()
             return stats
         device = next(self.policy.parameters()).device
-        if self.cfg.learner_crop_frames:
-            frames = -(-self.cfg.learner_crop_frames // self.policy.length_multiple) * self.policy.length_multiple
+        frames = crop_frames(self.cfg, self.policy.length_multiple)
+        if frames:
             pairs = crop_pairs(pairs, frames, generator or torch.Generator().manual_seed(self.updates))
         pairs = pairs.to(device)
-        l_w, l_l = pair_log_ratios(self.policy, self.reference, pairs, self.cfg.reduce, self.cfg.guidance)
-        loss = preference_loss(l_w, l_l, pairs.score_win, pairs.score_lose, self.cfg).mean()
+        ratios = step_log_ratios(self.policy, self.reference, pairs, self.cfg.reduce, self.cfg.guidance)
+        l_w, l_l = ratios.win, ratios.lose
+        loss = objective_loss(ratios, pairs, self.cfg).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.decoder.parameters(), self.cfg.grad_clip)

@@ -182,7 +182,8 @@ def batch_digest(batch: PreferenceBatch) -> str:
     import hashlib
 
     h = hashlib.sha1()
-    for tensor in (batch.x_t, batch.x_win, batch.x_lose, batch.score_win, batch.score_lose, batch.t, batch.step):
+    for tensor in (batch.x_t, batch.x_win, batch.x_lose, batch.score_win, batch.score_lose, batch.t, batch.step,
+                   batch.pool, batch.pool_scores):
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 

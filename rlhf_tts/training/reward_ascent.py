@@ -44,7 +44,7 @@ def ascent_location(cfg: RunConfig, states: int):  # noqa: ANN201 - AlignedModel
 
 def run_reward_ascent(cfg: RunConfig, states: int, progress=None) -> tuple[object, dict]:  # noqa: ANN001
     """`align.steps` updates of reward ascent; returns (model location, summary with per-update history)."""
-    from rlhf_tts.algos.easpo import crop_pairs, implicit_accuracy, pair_log_ratios, rollout
+    from rlhf_tts.algos.easpo import crop_frames, crop_pairs, implicit_accuracy, pair_log_ratios, rollout
     from rlhf_tts.algos.reward_ascent import reward_ascent_loss
     from rlhf_tts.training.align import (LearnerCore, align_seed, fresh_pair_accuracy, load_prompts, load_reward,
                                          reward_needs_condition, rollout_generator, stable_int)
@@ -75,9 +75,9 @@ def run_reward_ascent(cfg: RunConfig, states: int, progress=None) -> tuple[objec
         if len(pairs):
             row["reward_margin"] = float((pairs.score_win - pairs.score_lose).mean())
             judged = pairs
-            if align.learner_crop_frames:  # read as the EASPO learner reads them
-                multiple = learner.policy.length_multiple
-                judged = crop_pairs(pairs, -(-align.learner_crop_frames // multiple) * multiple, g)
+            frames = crop_frames(align, learner.policy.length_multiple)
+            if frames:  # read as the EASPO learner reads them
+                judged = crop_pairs(pairs, frames, g)
             judged = judged.to(device)
             with torch.no_grad():  # the pairs are new to the policy: read them before stepping
                 l_w, l_l = pair_log_ratios(learner.policy, learner.reference, judged, align.reduce, align.guidance)
