@@ -332,8 +332,7 @@ def crop_pairs(pairs: PreferenceBatch, frames: int, generator: torch.Generator) 
     if len(pairs) and bool((pairs.window_start >= 0).all()):
         starts = pairs.window_start.cpu()
     else:
-        lengths = pairs.mask.sum(dim=(1, 2)).long().cpu()
-        starts = (torch.rand(len(pairs), generator=generator) * (lengths - frames + 1).clamp_min(1)).long()
+        starts = window_starts(pairs.mask, frames, generator)
 
     def cut(x: Tensor) -> Tensor:  # (P, ..., T) → (P, ..., frames), the same window along every middle axis
         return torch.gather(x, -1, window_index(starts, frames, x))
