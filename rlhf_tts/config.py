@@ -161,6 +161,13 @@ class PretrainConfig(_Strict):
     lr_final_fraction: float = Field(0.05, ge=0.0, le=1.0, description="cosine schedule's final lr / peak lr")
     weight_decay: float = Field(0.01, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
+    flat_start_steps: int = Field(
+        0, ge=0, description="first steps whose alignment splits each utterance's frames evenly over its phonemes "
+        "(an HMM's flat start) instead of MAS; 0: MAS from the start (Grad-TTS). tiny: 300 locked in on 2 of 3 "
+        "seeds, as MAS from the start did (README)")
+    lock_in_max_duration_loss: float = Field(
+        0.4, gt=0.0, description="held-out duration loss above which the stage reports that the alignment did not "
+        "lock in (tiny: 0.22-0.25 locked in, 0.52-0.72 not; rlhf_tts/training/lock_in.py); a check, not training")
     decoder_batch_size: int | None = Field(
         None, ge=0, description="items per batch that also train the U-Net (None: all); the encoder sees all"
     )

@@ -117,14 +117,26 @@ def run_data_stage(cfg: RunConfig, console: Console, tracker, resume: bool = Fal
 
 def run_pretrain_stage(cfg: RunConfig, console: Console, tracker, resume: bool = False) -> dict:  # noqa: ANN001
     from rlhf_tts.data.pipeline import build_dataset
+    from rlhf_tts.training.lock_in import check_alignment
     from rlhf_tts.training.pretrain import run_pretraining
 
     dataset = build_dataset(cfg)  # cached by the data stage: a lookup, not a rebuild
     start = time.monotonic()
     with progress_bar(console) as progress:
         base = run_pretraining(cfg, dataset.directory, resume=resume, progress=StageProgress(progress), tracker=tracker)
-    console.print(f"base model: {base.final} ({time.monotonic() - start:.0f} s)")
-    return {"base_model": str(base.final)}
+    model, vocab, _ = base.load()
+    check = check_alignment(model, vocab, dataset.directory, base.directory, cfg.pretrain.lock_in_max_duration_loss)
+    console.print(f"base model: {base.final} ({time.monotonic() - start:.0f} s); {check.message()}")
+    if not check.locked_in:
+        console.print(
+            "[bold red]warning:[/] the base model's alignment did not lock in: its durations are noise and its "
+            "speech hard to understand (on the tiny preset such a model's test WER was 78 % against ~40 %), and "
+            "every later stage would measure that model. Whether it locks in depends on the seed and on the "
+            "machine; another `seed=N` (or more `pretrain.steps`) trains another one (README, *The base model*).")
+    tracker.log_metrics({"pretrain/heldout_duration_loss": check.duration_loss,
+                         "pretrain/heldout_prior_loss": check.prior_loss, "pretrain/locked_in": float(check.locked_in)})
+    return {"base_model": str(base.final), "alignment_locked_in": check.locked_in,
+            "heldout_duration_loss": check.duration_loss}
 
 
 def _lazy(module: str, name: str):  # noqa: ANN202

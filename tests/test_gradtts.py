@@ -7,7 +7,7 @@ import torch
 
 from rlhf_tts.config import load_config
 from rlhf_tts.models.gradtts import diffusion
-from rlhf_tts.models.gradtts.model import GradTTS, TextBatch, alignment_from_durations
+from rlhf_tts.models.gradtts.model import GradTTS, TextBatch, alignment_from_durations, flat_alignment
 
 SMOKE = load_config(None, ["preset=smoke"]).model
 
@@ -191,6 +191,32 @@ def test_decoder_items_limits_only_the_diffusion_loss():
     torch.testing.assert_close(encoder_only["prior"], full["prior"])
     assert float(encoder_only["diffusion"]) == 0.0 and float(full["diffusion"]) > 0
     assert float(one["diffusion"]) > 0 and not torch.equal(one["diffusion"], full["diffusion"])
+
+
+def test_flat_alignment_splits_each_utterances_frames_evenly_in_order():
+    text_mask = (torch.arange(6) < torch.tensor([6, 4]).unsqueeze(1)).float().unsqueeze(1)
+    mel_mask = (torch.arange(20) < torch.tensor([20, 11]).unsqueeze(1)).float().unsqueeze(1)
+    path = flat_alignment(text_mask, mel_mask)
+    torch.testing.assert_close(path.sum(1), mel_mask.squeeze(1))  # every valid frame to one phoneme, padding to none
+    durations = path.sum(-1)
+    assert durations[0].tolist() == [3, 3, 4, 3, 3, 4] and durations[1].tolist() == [2, 3, 3, 3, 0, 0]
+    first_frame = path.argmax(-1)  # monotonic: phoneme i starts where i - 1 ended
+    assert bool((first_frame[0, 1:] == durations[0].cumsum(0)[:-1]).all())
+
+
+def test_flat_start_ignores_mu_for_the_alignment_and_learns_no_durations():
+    model = GradTTS(SMOKE, n_vocab=40, n_speakers=3, n_emotions=5).eval()
+    text = text_batch(2)
+    g = torch.Generator().manual_seed(0)
+    mel = torch.randn(2, 80, 24, generator=g) - 4
+    lengths = torch.tensor([24, 20])
+    flat = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1), flat_start=True)
+    mas = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1))
+    assert float(flat["duration"].detach()) == 0.0 and float(mas["duration"].detach()) > 0
+    assert float(flat["prior"].detach()) > float(mas["prior"].detach())  # MAS picks the likeliest path under mu; the even split is not it
+    flat["total"].backward()
+    assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in model.encoder.duration.parameters())
+    assert float(model.encoder.proj_mu.weight.grad.abs().sum()) > 0  # mu is fitted on the even split
 
 
 def test_prior_repeat_is_item_major():

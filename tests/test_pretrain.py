@@ -12,6 +12,8 @@ from safetensors.torch import load_file
 from conftest import smoke_config
 from rlhf_tts.checkpoint import latest_checkpoint, load_checkpoint
 from rlhf_tts.config import load_config
+from rlhf_tts.data.manifest import read_manifest
+from rlhf_tts.training.data import load_utterances
 from rlhf_tts.training.pretrain import learning_rate, run_pretraining
 
 
@@ -35,7 +37,8 @@ def _losses(recorder: Recorder, steps) -> list[float]:
 
 def test_resume_gives_exactly_the_uninterrupted_losses(smoke_dataset, tmp_path):
     _, dataset = smoke_dataset
-    overrides = ["pretrain.steps=8", "pretrain.checkpoint_every=4", "pretrain.log_every=1", "pretrain.sample_every=100"]
+    overrides = ["pretrain.steps=8", "pretrain.checkpoint_every=4", "pretrain.log_every=1", "pretrain.sample_every=100",
+                 "pretrain.flat_start_steps=6"]  # the resumed run crosses from the flat start to MAS
     straight = Recorder()
     cfg_a = smoke_config(tmp_path / "a", *overrides)
     base_a = run_pretraining(cfg_a, dataset.directory, tracker=straight)
@@ -53,6 +56,8 @@ def test_resume_gives_exactly_the_uninterrupted_losses(smoke_dataset, tmp_path):
     # the learning-rate schedule is a function of the step: the resumed run is on the same schedule
     assert [resumed.metrics[s]["pretrain/lr"] for s in range(5, 9)] == [learning_rate(cfg_a, s - 1) for s in range(5, 9)]
     assert _losses(interrupted, range(1, 6)) == _losses(straight, range(1, 6))
+    duration = [straight.metrics[s]["pretrain/duration"] for s in range(1, 9)]
+    assert duration[:6] == [0.0] * 6 and min(duration[6:]) > 0  # durations are learnt from MAS's paths only
     weights_a = load_file(str(base_a.final / "tensors.safetensors"))
     weights_b = load_file(str(base_b.final / "tensors.safetensors"))
     assert weights_a.keys() == weights_b.keys()
@@ -153,6 +158,40 @@ def test_synthesize_without_a_model_says_how_to_get_one(tmp_path):
     result = subprocess.run([sys.executable, "-m", "rlhf_tts.synthesize", "--text", "Hi.", "--out", str(tmp_path / "x.wav"),
                              "preset=smoke", f"cache_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "no trained model" in result.stderr
+
+
+def test_lock_in_check_is_computed_once_per_model_and_weights_every_utterance_once(trained_smoke, monkeypatch):
+    from rlhf_tts.training import lock_in
+    from rlhf_tts.training.data import collate
+    from rlhf_tts.training.pretrain import BaseModel
+
+    model_dir = next((trained_smoke / "cache" / "pretrain").iterdir())
+    dataset_dir = next((trained_smoke / "cache" / "data").iterdir())
+    model, vocab, _ = BaseModel(model_dir).load()
+    assert (model_dir / lock_in.CHECK_FILE).is_file()  # the stage wrote it
+    (model_dir / lock_in.CHECK_FILE).unlink()
+    check = lock_in.check_alignment(model, vocab, dataset_dir, model_dir, threshold=0.4)
+    assert check.split == "val" and check.utterances > 0 and check.duration_loss > 0 and check.prior_loss > 0
+    assert (model_dir / lock_in.CHECK_FILE).is_file()
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the stored check should have been read")
+
+    monkeypatch.setattr(lock_in, "held_out_losses", no_recompute)
+    judged = [lock_in.check_alignment(model, vocab, dataset_dir, model_dir, threshold=t)
+              for t in (check.duration_loss * 0.9, check.duration_loss)]
+    assert [c.locked_in for c in judged] == [False, True]  # another threshold re-judges the stored losses
+    assert "did NOT lock in" in judged[0].message() and judged[1].duration_loss == check.duration_loss
+    monkeypatch.undo()
+    # The stored losses are the training formula's, on the held-out utterances.
+    rows = [r for r in read_manifest(dataset_dir / "manifest.parquet").to_pylist() if r["split"] == "val"]
+    utterances = load_utterances(rows, dataset_dir / "mels", vocab)
+    whole = collate(utterances)
+    with torch.no_grad():
+        expected = model.compute_loss(whole.text, whole.mel, whole.mel_lengths, 8, decoder_items=0)
+    duration, prior = lock_in.held_out_losses(model, utterances, batch_size=len(utterances))
+    assert duration == pytest.approx(float(expected["duration"])) and prior == pytest.approx(float(expected["prior"]))
+    assert lock_in.held_out_losses(model, utterances)[0] == pytest.approx(check.duration_loss, abs=1e-4)
 
 
 def test_mcd_and_cepstra():

@@ -27,6 +27,7 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     stdout = result.stdout
     assert "Corpus: 80 utterances" in stdout and "quarantined" in stdout
+    assert "held-out duration loss" in stdout  # the base model's lock-in check (12 steps: not locked in)
     for stage in ("data", "pretrain", "easpm", "judges", "align", "evaluate"):
         assert f"stage {stage}" in stdout, stage
     for name in ("config.yaml", "manifest.parquet", "quarantine.csv", "data_summary.md", "data_summary.json",
@@ -55,7 +56,7 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     run = runs[0]
     metrics = run.data.metrics
     assert metrics["data/utterances"] == 80 and run.data.params["preset"] == "smoke"
-    for key in ("pretrain/total", "easpm/loss", "judges/check/emotion_recall", "judges/emotion/val_recall", "align/loss", "align/kept_fraction", "align/reward_margin",
+    for key in ("pretrain/total", "pretrain/heldout_duration_loss", "pretrain/locked_in", "easpm/loss", "judges/check/emotion_recall", "judges/emotion/val_recall", "align/loss", "align/kept_fraction", "align/reward_margin",
                 "align/log_ratio_margin", "align/implicit_accuracy", "align/fresh_pair_accuracy", "align/staleness",
                 "align/pairs_per_s"):
         assert key in metrics, key

@@ -69,7 +69,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def pretrain_key(cfg: RunConfig, dataset_dir: Path) -> str:
-    exclude = {"checkpoint_every", "log_every", "sample_every", "sample_steps", "threads", "device"}
+    exclude = {"checkpoint_every", "log_every", "sample_every", "sample_steps", "threads", "device",
+               "lock_in_max_duration_loss"}
+    if cfg.pretrain.flat_start_steps == 0:
+        exclude.add("flat_start_steps")  # MAS from the first step: the key (and model) of the versions before
     if cfg.pretrain.data_parallel == 1:
         exclude.add("data_parallel")  # one process: the key (and model) of the versions before the option
     return stable_hash(dataset_dir.name, cfg.model, cfg.pretrain.model_dump(exclude=exclude), cfg.seed, PRETRAIN_VERSION)
@@ -179,7 +182,7 @@ def _pretrain_rank(
         for group in optimizer.param_groups:
             group["lr"] = lr
         out = model.compute_loss(batch.text, batch.mel, batch.mel_lengths, cfg.pretrain.segment_frames, generator,
-                                 decoder_items=decoder_items)
+                                 decoder_items=decoder_items, flat_start=step < cfg.pretrain.flat_start_steps)
         optimizer.zero_grad(set_to_none=True)
         ranks.backward(out["total"], len(batch.utt_ids) / cfg.pretrain.batch_size, list(model.parameters()))
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.pretrain.grad_clip)

@@ -113,6 +113,20 @@ def align(mu_x: Tensor, text_mask: Tensor, mel: Tensor, mel_mask: Tensor) -> Ten
     return monotonic_alignment_search(log_p, text_mask.squeeze(1), mel_mask.squeeze(1))
 
 
+def flat_alignment(text_mask: Tensor, mel_mask: Tensor) -> Tensor:
+    """Each utterance's frames split evenly over its phonemes, in order (an HMM's flat start): the
+    (B, T_text, T_mel) alignment `mu` is first fitted on, so that MAS starts from phoneme-specific
+    means instead of the undifferentiated ones of a fresh encoder. Phoneme i of N gets the frames
+    [floor(i·L/N), floor((i+1)·L/N)) of L; with L ≥ N every phoneme gets at least one."""
+    n_text = text_mask.sum(dim=(1, 2)).clamp_min(1)  # (B,)
+    n_mel = mel_mask.sum(dim=(1, 2))
+    index = torch.arange(text_mask.shape[-1], device=text_mask.device, dtype=n_mel.dtype)
+    bounds = torch.floor(index.unsqueeze(0).add(1) * (n_mel / n_text).unsqueeze(1))  # end frame of each phoneme
+    starts = torch.floor(index.unsqueeze(0) * (n_mel / n_text).unsqueeze(1))
+    durations = (bounds - starts).long() * text_mask.squeeze(1).long()
+    return alignment_from_durations(durations, text_mask.squeeze(1), mel_mask.shape[-1])
+
+
 class GradTTS(nn.Module):
     def __init__(self, cfg: GradTTSConfig, n_vocab: int, n_speakers: int, n_emotions: int, n_feats: int = 80) -> None:
         super().__init__()
@@ -229,21 +243,25 @@ class GradTTS(nn.Module):
 
     def compute_loss(
         self, text: TextBatch, mel: Tensor, mel_lengths: Tensor, segment_frames: int,
-        generator: torch.Generator | None = None, decoder_items: int | None = None,
+        generator: torch.Generator | None = None, decoder_items: int | None = None, flat_start: bool = False,
     ) -> dict[str, Tensor]:
         """Duration, prior and diffusion losses of Grad-TTS on a padded batch (mel: (B, n_feats, T)).
 
         `decoder_items` limits the diffusion loss to the first N items: the encoder and duration
         predictor see the whole batch (cheap), the U-Net (the cost) only N random crops.
+        `flat_start` fits `mu` (and the decoder) on `flat_alignment` instead of MAS's; the duration loss
+        is 0 then, since even splits are no durations to learn.
         """
         device = mel.device
         cond = self._cond(text.speaker, text.emotion)
         mu_x, log_dur, text_mask = self.encoder(text.ids, text.lengths, cond)
         mel_mask = sequence_mask(mel_lengths, mel.shape[-1]).unsqueeze(1).to(mel.dtype)
-        alignment = align(mu_x, text_mask, mel, mel_mask)
+        alignment = flat_alignment(text_mask, mel_mask) if flat_start else align(mu_x, text_mask, mel, mel_mask)
         target_log_dur = torch.log(1e-8 + alignment.sum(-1)) * text_mask.squeeze(1)
         duration_loss = ((log_dur.squeeze(1) - target_log_dur).pow(2) * text_mask.squeeze(1)).sum() / text_mask.sum()
-        if self.cfg.total_duration_weight > 0:
+        if flat_start:
+            duration_loss = duration_loss * 0.0  # keeps the graph (every rank's backward sees the same parameters)
+        elif self.cfg.total_duration_weight > 0:
             # Utterance length in log frames, log Σ_i exp(log d_i): speaking rate, which the per-phoneme
             # loss (dominated by phoneme-to-phoneme spread) learns only weakly.
             valid = text_mask.squeeze(1) > 0
