@@ -1,5 +1,6 @@
 """Pretraining: atomic checkpoints, exact resumption, the stage end to end, and synthesis."""
 
+import json
 import subprocess
 import sys
 
@@ -192,6 +193,40 @@ def test_lock_in_check_is_computed_once_per_model_and_weights_every_utterance_on
     duration, prior = lock_in.held_out_losses(model, utterances, batch_size=len(utterances))
     assert duration == pytest.approx(float(expected["duration"])) and prior == pytest.approx(float(expected["prior"]))
     assert lock_in.held_out_losses(model, utterances)[0] == pytest.approx(check.duration_loss, abs=1e-4)
+
+
+def test_a_failed_lock_in_is_retried_under_a_derived_seed_and_later_stages_use_the_chosen_attempt(smoke_dataset, tmp_path):
+    from rlhf_tts.training import lock_in
+    from rlhf_tts.training.pretrain import base_model_attempts, base_model_location, choose_base_model, pretrain_key
+
+    _, dataset = smoke_dataset
+    cfg = smoke_config(tmp_path, "pretrain.steps=3", "pretrain.lock_in_retries=2", "pretrain.sample_every=100")
+    assert pretrain_key(cfg, dataset.directory) == pretrain_key(  # retries and the check's line train nothing
+        smoke_config(tmp_path, "pretrain.steps=3", "pretrain.sample_every=100", "pretrain.lock_in_max_duration_loss=9"),
+        dataset.directory)
+    first, second = (run_pretraining(cfg, dataset.directory, attempt=a) for a in (0, 1))
+    assert first.directory != second.directory  # its own key and folder …
+    a, b = (load_file(str(m.final / "tensors.safetensors")) for m in (first, second))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # … and another model (another initialisation and noise)
+    attempts = base_model_attempts(cfg, dataset.directory)
+    assert [m.directory for m in attempts[:2]] == [first.directory, second.directory] and len(attempts) == 3
+
+    def store(model, duration):
+        (model.directory / lock_in.CHECK_FILE).write_text(
+            json.dumps({"duration_loss": duration, "prior_loss": 2.0, "utterances": 5, "split": "val"}))
+
+    assert choose_base_model(attempts, 0.4) == first  # nothing checked yet: the first is the one to build
+    store(first, 0.3)
+    assert choose_base_model(attempts, 0.4) == first  # locked in: no retry
+    store(first, 0.6)
+    assert choose_base_model(attempts, 0.4) == second  # not locked in: the next attempt (to build, here built)
+    store(second, 0.25)
+    assert base_model_location(cfg) == second  # what easpm, align and evaluate load
+    store(second, 0.5)
+    assert choose_base_model(attempts, 0.4) == attempts[2]  # the third attempt is next
+    attempts[2].directory.mkdir(parents=True)
+    store(attempts[2], 0.9)
+    assert choose_base_model(attempts, 0.4) == second  # none locked in: the closest
 
 
 def test_mcd_and_cepstra():

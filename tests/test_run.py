@@ -20,14 +20,17 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "rlhf_tts.run", "preset=smoke", f"output_dir={out}", f"cache_dir={cache}"],
+        [sys.executable, "-m", "rlhf_tts.run", "preset=smoke", f"output_dir={out}", f"cache_dir={cache}",
+         "pretrain.lock_in_retries=1"],  # as the tiny preset: a base model that did not lock in is trained again
         capture_output=True, text=True, timeout=600, env=env,
     )
     first_run = time.monotonic() - started
     assert result.returncode == 0, result.stderr[-3000:]
     stdout = result.stdout
     assert "Corpus: 80 utterances" in stdout and "quarantined" in stdout
-    assert "held-out duration loss" in stdout  # the base model's lock-in check (12 steps: not locked in)
+    assert "held-out duration loss" in stdout  # the base model's lock-in check (12 steps: not locked in) …
+    assert "training attempt 2 of 2" in stdout and "the closest" in stdout  # … so a second attempt, then the closer
+    assert len(list((cache / "pretrain").iterdir())) == 2
     for stage in ("data", "pretrain", "easpm", "judges", "align", "evaluate"):
         assert f"stage {stage}" in stdout, stage
     for name in ("config.yaml", "manifest.parquet", "quarantine.csv", "data_summary.md", "data_summary.json",
@@ -56,7 +59,7 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     run = runs[0]
     metrics = run.data.metrics
     assert metrics["data/utterances"] == 80 and run.data.params["preset"] == "smoke"
-    for key in ("pretrain/total", "pretrain/heldout_duration_loss", "pretrain/locked_in", "easpm/loss", "judges/check/emotion_recall", "judges/emotion/val_recall", "align/loss", "align/kept_fraction", "align/reward_margin",
+    for key in ("pretrain/total", "pretrain/heldout_duration_loss", "pretrain/locked_in", "pretrain/attempts", "easpm/loss", "judges/check/emotion_recall", "judges/emotion/val_recall", "align/loss", "align/kept_fraction", "align/reward_margin",
                 "align/log_ratio_margin", "align/implicit_accuracy", "align/fresh_pair_accuracy", "align/staleness",
                 "align/pairs_per_s"):
         assert key in metrics, key
@@ -70,7 +73,7 @@ def test_main_job_smoke_end_to_end_with_mlflow(tmp_path):
     started = time.monotonic()
     again = subprocess.run(
         [sys.executable, "-m", "rlhf_tts.run", "preset=smoke", f"output_dir={out}", f"cache_dir={cache}",
-         "tracking.enabled=false", "stages=[data,pretrain,easpm,judges,align]"],
+         "tracking.enabled=false", "stages=[data,pretrain,easpm,judges,align]", "pretrain.lock_in_retries=1"],
         capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0, again.stderr[-3000:]

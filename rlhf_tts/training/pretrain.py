@@ -68,22 +68,50 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def pretrain_key(cfg: RunConfig, dataset_dir: Path) -> str:
+def pretrain_key(cfg: RunConfig, dataset_dir: Path, attempt: int = 0) -> str:
+    """The cache key of pretraining attempt `attempt` (0: the first; see `lock_in_retries`)."""
     exclude = {"checkpoint_every", "log_every", "sample_every", "sample_steps", "threads", "device",
-               "lock_in_max_duration_loss"}
+               "lock_in_max_duration_loss", "lock_in_retries"}
     if cfg.pretrain.flat_start_steps == 0:
         exclude.add("flat_start_steps")  # MAS from the first step: the key (and model) of the versions before
     if cfg.pretrain.data_parallel == 1:
         exclude.add("data_parallel")  # one process: the key (and model) of the versions before the option
-    return stable_hash(dataset_dir.name, cfg.model, cfg.pretrain.model_dump(exclude=exclude), cfg.seed, PRETRAIN_VERSION)
+    parts = [dataset_dir.name, cfg.model, cfg.pretrain.model_dump(exclude=exclude), cfg.seed, PRETRAIN_VERSION]
+    return stable_hash(*parts, *([{"attempt": attempt}] if attempt else []))
+
+
+def attempt_seed(seed: int, attempt: int) -> int:
+    """The seed of pretraining attempt `attempt`: the run's own for the first, a derived one after."""
+    return seed if attempt == 0 else int(stable_hash(seed, "pretrain attempt", attempt), 16) % 2**31
+
+
+def base_model_attempts(cfg: RunConfig, dataset_dir: Path) -> list[BaseModel]:
+    """Where each pretraining attempt `cfg` allows is (or will be)."""
+    return [BaseModel(Path(cfg.cache_dir) / "pretrain" / pretrain_key(cfg, dataset_dir, attempt))
+            for attempt in range(1 + cfg.pretrain.lock_in_retries)]
+
+
+def choose_base_model(attempts: list[BaseModel], threshold: float) -> BaseModel:
+    """The first attempt whose alignment locked in, or the one not yet built or checked (the stage's
+    next), or, when every attempt was checked and none locked in, the one closest to it."""
+    from rlhf_tts.training.lock_in import stored_check
+
+    checked = []
+    for base in attempts:
+        check = stored_check(base.directory, threshold)
+        if check is None or check.locked_in:
+            return base
+        checked.append((check.duration_loss, base))
+    return min(checked, key=lambda item: item[0])[1]
 
 
 def base_model_location(cfg: RunConfig) -> BaseModel:
-    """Where the base model for `cfg` is (or will be), without building or training anything."""
+    """Where the base model for `cfg` is (or will be), without building or training anything: with
+    `pretrain.lock_in_retries`, the attempt `choose_base_model` picks from the stored lock-in checks."""
     from rlhf_tts.data.pipeline import dataset_location
 
     dataset, _ = dataset_location(cfg)
-    return BaseModel(Path(cfg.cache_dir) / "pretrain" / pretrain_key(cfg, dataset.directory))
+    return choose_base_model(base_model_attempts(cfg, dataset.directory), cfg.pretrain.lock_in_max_duration_loss)
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -115,24 +143,27 @@ def _set_rng_state(state: dict[str, torch.Tensor], generator: torch.Generator, d
 
 def run_pretraining(
     cfg: RunConfig, dataset_dir: Path, resume: bool = False, progress: ProgressFn | None = None,
-    tracker=None, stop_after: int | None = None,  # noqa: ANN001 - Tracker, kept optional for tests
+    tracker=None, stop_after: int | None = None, attempt: int = 0,  # noqa: ANN001 - Tracker, optional for tests
 ) -> BaseModel:
     """Train (or reuse) the base model. `stop_after` ends early at that step (tests of resumption).
-    With `pretrain.data_parallel` ranks > 1 (CPU) the steps run in that many one-thread processes."""
+    With `pretrain.data_parallel` ranks > 1 (CPU) the steps run in that many one-thread processes.
+    `attempt` > 0 trains another model from the same data and config under a derived seed (its own key)."""
     device = resolve_device(cfg.pretrain.device)
     world = training_ranks(cfg.pretrain.data_parallel, device, cfg.pretrain.batch_size)
-    return run_ranks(_pretrain_rank, world, (cfg, dataset_dir, resume, stop_after), (progress, tracker))
+    return run_ranks(_pretrain_rank, world, (cfg, dataset_dir, resume, stop_after, attempt), (progress, tracker))
 
 
 def _pretrain_rank(
-    ranks: Ranks, cfg: RunConfig, dataset_dir: Path, resume: bool, stop_after: int | None,
+    ranks: Ranks, cfg: RunConfig, dataset_dir: Path, resume: bool, stop_after: int | None, attempt: int,
     progress: ProgressFn | None = None, tracker=None,  # noqa: ANN001
 ) -> BaseModel:
     """One rank's training loop (the only one when not data-parallel). Rank 0 alone writes the run's
     files, logs and reports; every rank restores and saves its own RNG streams through rank 0's
     checkpoints, so a resumed data-parallel run is the uninterrupted one too."""
     report = progress or (lambda *a, **k: None)
-    base = BaseModel(Path(cfg.cache_dir) / "pretrain" / pretrain_key(cfg, dataset_dir))
+    base = BaseModel(Path(cfg.cache_dir) / "pretrain" / pretrain_key(cfg, dataset_dir, attempt))
+    seed = attempt_seed(cfg.seed, attempt)
+    metric = "pretrain" if attempt == 0 else f"pretrain_attempt{attempt + 1}"  # MLflow prefix: one curve per attempt
     directory = base.directory
     if (base.final / "state.json").is_file():
         return base
@@ -148,12 +179,12 @@ def _pretrain_rank(
     vocab = Vocabulary(SymbolTable.load(dataset_dir / "symbols.json"), tuple(sorted({r["speaker"] for r in rows})))
     train_rows = [r for r in rows if r["split"] == "train"]
     utterances = load_utterances(train_rows, dataset_dir / "mels", vocab)
-    batches = BucketedBatches(utterances, cfg.pretrain.batch_size, cfg.seed)
+    batches = BucketedBatches(utterances, cfg.pretrain.batch_size, seed)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = build_model(cfg, vocab).to(device)  # the same initial weights on every rank
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay)
-    generator = torch.Generator().manual_seed(ranks.seed(cfg.seed, "pretrain rank"))
+    generator = torch.Generator().manual_seed(ranks.seed(seed, "pretrain rank"))
     step, epoch, start_batch = 0, 0, 0
     latest = latest_checkpoint(checkpoints) if resume else None
     if latest is not None:
@@ -193,9 +224,9 @@ def _pretrain_rank(
         if ranks.main and (step % cfg.pretrain.log_every == 0 or step == cfg.pretrain.steps):
             rate = (step - first_step) / max(time.monotonic() - started, 1e-6)
             if tracker is not None:
-                tracker.log_metrics({f"pretrain/{k}": v for k, v in losses.items()} | {
-                    "pretrain/grad_norm": float(grad_norm), "pretrain/steps_per_s": rate, "pretrain/lr": lr}, step=step)
-        report("pretrain Grad-TTS", step, cfg.pretrain.steps,
+                tracker.log_metrics({f"{metric}/{k}": v for k, v in losses.items()} | {
+                    f"{metric}/grad_norm": float(grad_norm), f"{metric}/steps_per_s": rate, f"{metric}/lr": lr}, step=step)
+        report("pretrain Grad-TTS" + (f" (attempt {attempt + 1})" if attempt else ""), step, cfg.pretrain.steps,
                info=f"loss {losses['total']:.3f} (dur {losses['duration']:.3f} prior {losses['prior']:.3f} "
                     f"diff {losses['diffusion']:.3f})" + (" (rank 0's share)" if ranks.world > 1 else ""))
         if step % cfg.pretrain.checkpoint_every == 0 or step == cfg.pretrain.steps:
@@ -204,7 +235,7 @@ def _pretrain_rank(
                 save_checkpoint(checkpoints, step, model, optimizer, rng,
                                 {"data_position": list(next_position), "losses": losses, "ranks": ranks.world})
         if ranks.main and tracker is not None and (step % cfg.pretrain.sample_every == 0 or step == cfg.pretrain.steps):
-            log_samples(model, samples, vocab, cfg, device, step, tracker, "pretrain/samples")
+            log_samples(model, samples, vocab, cfg, device, step, tracker, f"{metric}/samples")
             model.train()
     if ranks.main and step >= cfg.pretrain.steps:
         final_tmp = directory / f".final.tmp-{os.getpid()}"
