@@ -148,7 +148,8 @@ def run_pretrain_stage(cfg: RunConfig, console: Console, tracker, resume: bool =
             "speech hard to understand (on the tiny preset such models' test WER was 60-78 % against 40-48 %), and "
             "every later stage would measure that model. Whether it locks in depends on the seed and on the "
             "machine; another `seed=N`, more `pretrain.lock_in_retries` or more `pretrain.steps` trains another "
-            f"one (README, *The base model*). Using {chosen.directory.name}, the closest.")
+            "one (README, *The base model*)."
+            + (f" Using {chosen.directory.name}, the closest of {len(checks)} attempts." if len(checks) > 1 else ""))
     tracker.log_metrics({"pretrain/heldout_duration_loss": check.duration_loss,
                          "pretrain/heldout_prior_loss": check.prior_loss, "pretrain/locked_in": float(check.locked_in),
                          "pretrain/attempts": float(len(checks))})
