@@ -130,8 +130,8 @@ def run_pretrain_stage(cfg: RunConfig, console: Console, tracker, resume: bool =
         with progress_bar(console) as progress:
             base = run_pretraining(cfg, dataset.directory, resume=resume, progress=StageProgress(progress),
                                    tracker=tracker, attempt=attempt)
-        model, vocab, _ = base.load(resolve_device(cfg.pretrain.device))
-        check = check_alignment(model, vocab, dataset.directory, base.directory, cfg.pretrain.lock_in_max_duration_loss)
+        check = check_alignment(base, dataset.directory, cfg.pretrain.lock_in_max_duration_loss,
+                                resolve_device(cfg.pretrain.device))
         checks[base.directory] = check
         label = f"base model (attempt {attempt + 1} of {attempts})" if attempts > 1 else "base model"
         console.print(f"{label}: {base.final} ({time.monotonic() - start:.0f} s); {check.message()}")

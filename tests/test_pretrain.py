@@ -171,7 +171,7 @@ def test_lock_in_check_is_computed_once_per_model_and_weights_every_utterance_on
     model, vocab, _ = BaseModel(model_dir).load()
     assert (model_dir / lock_in.CHECK_FILE).is_file()  # the stage wrote it
     (model_dir / lock_in.CHECK_FILE).unlink()
-    check = lock_in.check_alignment(model, vocab, dataset_dir, model_dir, threshold=0.4)
+    check = lock_in.check_alignment(BaseModel(model_dir), dataset_dir, threshold=0.4)
     assert check.split == "val" and check.utterances > 0 and check.duration_loss > 0 and check.prior_loss > 0
     assert (model_dir / lock_in.CHECK_FILE).is_file()
 
@@ -179,7 +179,8 @@ def test_lock_in_check_is_computed_once_per_model_and_weights_every_utterance_on
         raise AssertionError("the stored check should have been read")
 
     monkeypatch.setattr(lock_in, "held_out_losses", no_recompute)
-    judged = [lock_in.check_alignment(model, vocab, dataset_dir, model_dir, threshold=t)
+    monkeypatch.setattr(BaseModel, "load", no_recompute)  # nor the model loaded
+    judged = [lock_in.check_alignment(BaseModel(model_dir), dataset_dir, threshold=t)
               for t in (check.duration_loss * 0.9, check.duration_loss)]
     assert [c.locked_in for c in judged] == [False, True]  # another threshold re-judges the stored losses
     assert "did NOT lock in" in judged[0].message() and judged[1].duration_loss == check.duration_loss

@@ -16,12 +16,16 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from rlhf_tts.data.manifest import read_manifest
 from rlhf_tts.models.gradtts.model import GradTTS
-from rlhf_tts.training.data import Utterance, Vocabulary, collate, load_utterances
+from rlhf_tts.training.data import Utterance, collate, load_utterances
+
+if TYPE_CHECKING:
+    from rlhf_tts.training.pretrain import BaseModel
 
 CHECK_FILE = "alignment_check.json"
 
@@ -70,19 +74,20 @@ def stored_check(model_dir: Path, threshold: float) -> AlignmentCheck | None:
     return AlignmentCheck(**{**json.loads(stored.read_text()), "threshold": threshold})
 
 
-def check_alignment(model: GradTTS, vocab: Vocabulary, dataset_dir: Path, model_dir: Path, threshold: float
+def check_alignment(base: "BaseModel", dataset_dir: Path, threshold: float, device: torch.device | str = "cpu"
                     ) -> AlignmentCheck:
-    """The check of the model in `model_dir` (computed once, then read from its `alignment_check.json`;
-    a different threshold only re-judges the stored losses). Validation split, else train."""
-    stored = model_dir / CHECK_FILE
-    if (check := stored_check(model_dir, threshold)) is not None:
+    """The check of the base model `base` (computed once, then read from its `alignment_check.json`
+    without loading the model; a different threshold only re-judges the stored losses). Validation
+    split, else train."""
+    if (check := stored_check(base.directory, threshold)) is not None:
         return check
+    model, vocab, _ = base.load(device)
     rows = read_manifest(dataset_dir / "manifest.parquet").to_pylist()
     split = "val" if any(r["split"] == "val" for r in rows) else "train"
     utterances = load_utterances([r for r in rows if r["split"] == split], dataset_dir / "mels", vocab)
     duration, prior = held_out_losses(model, utterances)
     check = AlignmentCheck(round(duration, 4), round(prior, 4), len(utterances), split, threshold)
-    tmp = stored.with_name(f".{CHECK_FILE}.tmp-{os.getpid()}")
+    tmp = base.directory / f".{CHECK_FILE}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps({k: v for k, v in asdict(check).items() if k != "threshold"}, indent=1))
-    tmp.rename(stored)
+    tmp.rename(base.directory / CHECK_FILE)
     return check

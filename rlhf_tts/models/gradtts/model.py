@@ -120,10 +120,9 @@ def flat_alignment(text_mask: Tensor, mel_mask: Tensor) -> Tensor:
     [floor(i·L/N), floor((i+1)·L/N)) of L; with L ≥ N every phoneme gets at least one."""
     n_text = text_mask.sum(dim=(1, 2)).clamp_min(1)  # (B,)
     n_mel = mel_mask.sum(dim=(1, 2))
-    index = torch.arange(text_mask.shape[-1], device=text_mask.device, dtype=n_mel.dtype)
-    bounds = torch.floor(index.unsqueeze(0).add(1) * (n_mel / n_text).unsqueeze(1))  # end frame of each phoneme
-    starts = torch.floor(index.unsqueeze(0) * (n_mel / n_text).unsqueeze(1))
-    durations = (bounds - starts).long() * text_mask.squeeze(1).long()
+    index = torch.arange(text_mask.shape[-1] + 1, device=text_mask.device, dtype=n_mel.dtype)
+    bounds = torch.floor(index.unsqueeze(0) * (n_mel / n_text).unsqueeze(1))  # (B, T_text + 1) phoneme edges
+    durations = bounds.diff(dim=1).long() * text_mask.squeeze(1).long()
     return alignment_from_durations(durations, text_mask.squeeze(1), mel_mask.shape[-1])
 
 
