@@ -375,9 +375,10 @@ class AlignConfig(_Strict):
         False, description="draw a pool's candidates with common noise outside one random window of "
         "learner_crop_frames frames, which the learner then trains on (not the paper's: each pair's score difference "
         "then comes from the frames the learner sees; needs learner_crop_frames)")
-    candidate_level: Literal["own", "shared"] = Field(
+    candidate_level: Literal["own", "shared", "band"] = Field(
         "own", description="shared: a pool's windowed candidates share their mean over the window (still exact draws), "
-        "so the reward cannot rank them by overall level (not the paper's; needs candidate_window)")
+        "so the reward cannot rank them by overall level; band: they share each mel band's mean over the window, so "
+        "not by spectral tilt or any band's level either (not the paper's; both need candidate_window)")
     lr: float = Field(1e-5, gt=0.0, description="decoder AdamW lr, the paper's 1e-5 (on the tiny preset 1e-4 with "
                       "best/worst pairs collapsed every judge metric within 60 updates; its pool_matched default "
                       "takes 1e-4)")
@@ -404,8 +405,8 @@ class AlignConfig(_Strict):
             raise ValueError(f"t_range: [{lo}, {hi}] must satisfy 0 <= t_lo < t_hi <= 1")
         if self.candidate_window and not self.learner_crop_frames:
             raise ValueError("candidate_window: needs learner_crop_frames (the window's size)")
-        if self.candidate_level == "shared" and not self.candidate_window:
-            raise ValueError("candidate_level: shared needs candidate_window (the level is the window's)")
+        if self.candidate_level != "own" and not self.candidate_window:
+            raise ValueError(f"candidate_level: {self.candidate_level} needs candidate_window (the level is the window's)")
         h = 1.0 / self.sampler_steps
         if not any(lo <= 1.0 - (i + 0.5) * h <= hi for i in range(self.sampler_steps)):
             raise ValueError(f"t_range: no sampler step of {self.sampler_steps} falls in [{lo}, {hi}]")
@@ -604,10 +605,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Alignment on whole pools (not the paper's): on t <= 0.3 EASPM's exact gradient raised the judges and
     # best/worst pairs, even 1,290 of them, did not follow it (their score-function estimate is mostly
     # noise at this scale); every candidate of a 32-pool against the pool's mean, candidates differing in
-    # the learner's 64-frame window only and sharing one level there (a level-sensitive EASPM otherwise
-    # drags some seeds' level off the recordings'), and the ascent's lr 1e-4 (docs/findings.md, *Whole pools*).
+    # the learner's 64-frame window only and sharing each mel band's mean there (a level-sensitive EASPM
+    # otherwise drags some seeds' level, or spectral tilt, off the recordings'; one shared level for the whole
+    # window was not enough on two more base models: docs/findings.md, *Per-band level*), and the ascent's lr 1e-4.
     "tiny": {"align": {"threshold": 0.05, "learner_crop_frames": 64, "sampler_steps": 10, "reward": "log_softmax",
-                       "objective": "pool_matched", "k": 32, "candidate_window": True, "candidate_level": "shared",
+                       "objective": "pool_matched", "k": 32, "candidate_window": True, "candidate_level": "band",
                        "t_range": [0.0, 0.3], "lr": 1e-4},
              "easpm": {"gain_augment": 1.0},
              # A second pretraining attempt when the first one's alignment did not lock in (2 runs in 6 did not).

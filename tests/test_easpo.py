@@ -425,7 +425,7 @@ def test_shared_level_candidates_differ_in_no_overall_level_and_are_still_exact_
     with pytest.raises(ValueError, match="candidate_level"):
         align_cfg(candidate_level="shared", learner_crop_frames=8)
     g = torch.Generator().manual_seed(0)
-    draws = easpo.windowed_candidates(torch.zeros(2, 8, 16), torch.tensor(1.0), 500, torch.tensor([0, 8]), 8, g, True)
+    draws = easpo.windowed_candidates(torch.zeros(2, 8, 16), torch.tensor(1.0), 500, torch.tensor([0, 8]), 8, g, "shared")
     for b, s in enumerate((0, 8)):
         window = draws[:, b, :, s:s + 8]
         levels = window.mean(dim=(1, 2))
@@ -434,8 +434,31 @@ def test_shared_level_candidates_differ_in_no_overall_level_and_are_still_exact_
         assert float((window[0] - window[1]).abs().max()) > 0.5  # candidates still differ inside
     # across pools the shared level has the variance of a mean of 64 unit draws: exact N(mean, variance) draws
     levels = torch.stack([easpo.windowed_candidates(torch.zeros(1, 8, 16), torch.tensor(1.0), 2, torch.tensor([4]), 8,
-                                                    g, True)[0, 0, :, 4:12].mean() for _ in range(3000)])
+                                                    g, "shared")[0, 0, :, 4:12].mean() for _ in range(3000)])
     assert float(levels.var()) == pytest.approx(1 / 64, rel=0.1)
     own = torch.stack([easpo.windowed_candidates(torch.zeros(1, 8, 16), torch.tensor(1.0), 2, torch.tensor([4]), 8,
                                                  g)[:, 0, :, 4:12].mean(dim=(1, 2)) for _ in range(300)])
     assert float((own[:, 0] - own[:, 1]).abs().mean()) > 0.05  # without it, the candidates' levels differ
+
+
+def test_band_level_candidates_share_every_bands_window_mean_and_are_still_exact_draws():
+    align_cfg(candidate_level="band", candidate_window=True, learner_crop_frames=8)
+    with pytest.raises(ValueError, match="candidate_level: band"):
+        align_cfg(candidate_level="band", learner_crop_frames=8)
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 8, 16, generator=g)
+    draws = easpo.windowed_candidates(mean, torch.tensor(4.0), 400, torch.tensor([0, 8]), 8, g, "band")
+    for b, s in enumerate((0, 8)):
+        window = draws[:, b, :, s:s + 8]
+        bands = window.mean(dim=-1)  # (k, n_feats)
+        assert float((bands - bands[:1]).abs().max()) < 1e-5  # one mean per band for the whole pool
+        assert float((bands[0] - bands[0].mean()).abs().max()) > 0.1  # … which differ between bands (a tilt)
+        assert float((window - mean[b, :, s:s + 8]).std()) == pytest.approx(2.0, rel=0.03)
+        assert float((window[0] - window[1]).abs().max()) > 0.5
+        outside = torch.cat([draws[:, b, :, :s], draws[:, b, :, s + 8:]], dim=-1)
+        assert torch.equal(outside, outside[:1].expand_as(outside))  # shared outside the window, as before
+    # each band's shared mean is an exact draw: the variance of a mean of 8 frames of variance 4
+    band_means = torch.stack([easpo.windowed_candidates(torch.zeros(1, 8, 16), torch.tensor(4.0), 2, torch.tensor([4]),
+                                                        8, g, "band")[0, 0, :, 4:12].mean(dim=-1) for _ in range(2000)])
+    assert float(band_means.var(dim=0).mean()) == pytest.approx(4 / 8, rel=0.1)
+    assert float(band_means[:, 0].mul(band_means[:, 1]).mean()) == pytest.approx(0.0, abs=0.05)  # bands independent

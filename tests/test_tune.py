@@ -59,6 +59,9 @@ def test_shipped_spaces_load_and_hold_the_paper_ablations():
     assert kappa.resolve({"align.kappa": 0.5}).align.timestep_range() == (0.0, 0.5)
     pool = spaces["pool"].base_config().align
     assert (pool.objective, pool.candidate_window, spaces["pool"].grid_size()) == ("pool_matched", True, 9)
+    level = spaces["candidate_level"]
+    assert level.grid_size() == 9 and level.space["align.candidate_level"].values == ("own", "shared", "band")
+    assert level.resolve({"align.candidate_level": "band", "align.seed": 2}).align.candidate_level == "band"
 
 
 @pytest.mark.parametrize("text,fragment", [

@@ -9,7 +9,7 @@ passes a threshold. The next state is one candidate chosen uniformly at random (
 Three options are not the paper's (the tiny preset takes all three): `pool_matched` trains on every
 candidate of a kept pool instead of its best/worst pair, `candidate_window` draws a pool's
 candidates so that they differ only inside the window the learner crops to, and `candidate_level`
-`shared` gives them one overall level in that window.
+`shared` / `band` gives them one overall level / one level per mel band in that window.
 
 The Ray actors call exactly these functions: `rollout` in a rollout actor (its `score_fn` sends the
 request to the reward actor), `EASPOLearner.update` in the learner actor.
@@ -78,7 +78,7 @@ def window_index(starts: Tensor, frames: int, like: Tensor) -> Tensor:
 
 
 def windowed_candidates(mean: Tensor, variance: Tensor, k: int, starts: Tensor, frames: int,
-                        generator: torch.Generator, shared_level: bool = False) -> Tensor:
+                        generator: torch.Generator, level: Literal["own", "shared", "band"] = "own") -> Tensor:
     """k draws of N(mean, variance) (B, n_feats, T) → (k, B, n_feats, T) that share their noise outside
     one window per item (common random numbers).
 
@@ -90,20 +90,25 @@ def windowed_candidates(mean: Tensor, variance: Tensor, k: int, starts: Tensor, 
     estimate's noise grows with the dimension the candidates differ in, so a 64-frame window of a
     ~265-frame utterance gives each pair about 4x the signal.
 
-    `shared_level` also gives the candidates one common mean over the window (each one's own noise
+    `level="shared"` also gives the candidates one common mean over the window (each one's own noise
     has its mean replaced by a draw shared by the pool, of the same variance, so every candidate is
     still an exact draw): they then cannot differ in the window's overall level, the one direction in
     which a level-sensitive reward's preference is the same at every state and would add up across
     updates (on the tiny preset, a decoder whose level drifts away from the recordings' loses the judge).
+    `level="band"` shares each feature row's mean over the window instead (the same construction per
+    mel band): no per-band level either, so neither spectral tilt nor any other envelope-wide direction.
     """
     shared = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
     noise = shared.unsqueeze(0).repeat(k, *([1] * mean.dim()))
     own = torch.randn((k, *mean.shape[:-1], frames), generator=generator, device=generator.device).to(mean)
-    if shared_level:
-        axes = tuple(range(2, own.dim()))
-        level = torch.randn((1, mean.shape[0], *([1] * (own.dim() - 2))), generator=generator,
-                            device=generator.device).to(mean) / math.sqrt(own[0, 0].numel())
-        own = own - own.mean(dim=axes, keepdim=True) + level
+    if level != "own":
+        axes = tuple(range(2, own.dim())) if level == "shared" else (-1,)
+        shape = [1, *own.shape[1:]]
+        for axis in axes:
+            shape[axis] = 1
+        pooled = math.prod(own.shape[a] for a in axes)
+        common = torch.randn(shape, generator=generator, device=generator.device).to(mean) / math.sqrt(pooled)
+        own = own - own.mean(dim=axes, keepdim=True) + common
     noise.scatter_(-1, window_index(starts, frames, noise.transpose(0, 1)).transpose(0, 1), own)
     std = variance.sqrt()
     if std.dim() == 1:  # per-item times
@@ -260,7 +265,7 @@ def rollout(
             mean, variance = policy.reverse_step_mean(x, t, h, prior, cfg.guidance)
             starts = window_starts(prior.mask, window, generator)
             candidates = windowed_candidates(mean, variance, cfg.k, starts, window, generator,
-                                             cfg.candidate_level == "shared") * prior.mask
+                                             cfg.candidate_level) * prior.mask
         k = candidates.shape[0]
         flat = candidates.transpose(0, 1).reshape(batch * k, *candidates.shape[2:])  # item-major
         result = score_fn(ScoreRequest(
