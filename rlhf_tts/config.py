@@ -607,7 +607,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # noise at this scale); every candidate of a 32-pool against the pool's mean, candidates differing in
     # the learner's 64-frame window only and sharing each mel band's mean there (a level-sensitive EASPM
     # otherwise drags some seeds' level, or spectral tilt, off the recordings'; one shared level for the whole
-    # window was not enough on two more base models: docs/findings.md, *Per-band level*), and the ascent's lr 1e-4.
+    # window was not enough on two more base models; on a third neither gains: docs/findings.md, *Per-band
+    # level*), and the ascent's lr 1e-4.
     "tiny": {"align": {"threshold": 0.05, "learner_crop_frames": 64, "sampler_steps": 10, "reward": "log_softmax",
                        "objective": "pool_matched", "k": 32, "candidate_window": True, "candidate_level": "band",
                        "t_range": [0.0, 0.3], "lr": 1e-4},
