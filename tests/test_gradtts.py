@@ -25,6 +25,13 @@ def text_batch(batch: int = 2, length: int = 7) -> TextBatch:
                      torch.tensor([0, 2][:batch] + [1] * max(0, batch - 2)), [[(0, 3), (4, 6)]] * batch)
 
 
+def loss_inputs() -> tuple[GradTTS, TextBatch, torch.Tensor, torch.Tensor]:
+    """A smoke model and a two-utterance batch (text, mel, mel lengths) for `compute_loss` tests."""
+    model = GradTTS(SMOKE, n_vocab=40, n_speakers=3, n_emotions=5).eval()
+    mel = torch.randn(2, 80, 24, generator=torch.Generator().manual_seed(0)) - 4
+    return model, text_batch(2), mel, torch.tensor([24, 20])
+
+
 def test_gaussian_log_ratio_equals_normal_log_prob_difference():
     g = torch.Generator().manual_seed(0)
     x, mean_a, mean_b = (torch.randn(3, 80, 20, generator=g, dtype=torch.float64) for _ in range(3))
@@ -179,11 +186,7 @@ def test_overfitting_four_utterances_reduces_loss_fivefold():
 
 
 def test_decoder_items_limits_only_the_diffusion_loss():
-    model = GradTTS(SMOKE, n_vocab=40, n_speakers=3, n_emotions=5).eval()
-    text = text_batch(2)
-    g = torch.Generator().manual_seed(0)
-    mel = torch.randn(2, 80, 24, generator=g) - 4
-    lengths = torch.tensor([24, 20])
+    model, text, mel, lengths = loss_inputs()
     full = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1))
     encoder_only = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1), decoder_items=0)
     one = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1), decoder_items=1)
@@ -205,11 +208,7 @@ def test_flat_alignment_splits_each_utterances_frames_evenly_in_order():
 
 
 def test_flat_start_ignores_mu_for_the_alignment_and_learns_no_durations():
-    model = GradTTS(SMOKE, n_vocab=40, n_speakers=3, n_emotions=5).eval()
-    text = text_batch(2)
-    g = torch.Generator().manual_seed(0)
-    mel = torch.randn(2, 80, 24, generator=g) - 4
-    lengths = torch.tensor([24, 20])
+    model, text, mel, lengths = loss_inputs()
     flat = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1), flat_start=True)
     mas = model.compute_loss(text, mel, lengths, 16, torch.Generator().manual_seed(1))
     assert float(flat["duration"].detach()) == 0.0 and float(mas["duration"].detach()) > 0

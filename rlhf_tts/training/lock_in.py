@@ -13,13 +13,13 @@ prints it again for free.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from rlhf_tts.checkpoint import write_json_atomic
 from rlhf_tts.data.manifest import read_manifest
 from rlhf_tts.models.gradtts.model import GradTTS
 from rlhf_tts.training.data import Utterance, collate, load_utterances
@@ -87,7 +87,5 @@ def check_alignment(base: "BaseModel", dataset_dir: Path, threshold: float, devi
     utterances = load_utterances([r for r in rows if r["split"] == split], dataset_dir / "mels", vocab)
     duration, prior = held_out_losses(model, utterances)
     check = AlignmentCheck(round(duration, 4), round(prior, 4), len(utterances), split, threshold)
-    tmp = base.directory / f".{CHECK_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({k: v for k, v in asdict(check).items() if k != "threshold"}, indent=1))
-    tmp.rename(base.directory / CHECK_FILE)
+    write_json_atomic(base.directory / CHECK_FILE, {k: v for k, v in asdict(check).items() if k != "threshold"})
     return check
