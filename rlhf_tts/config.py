@@ -355,6 +355,10 @@ class AlignConfig(_Strict):
         "tiny decoder's ODE drifts louder the further X_1 starts inside N(mu, I) (+1 log-mel unit at 1.5, where "
         "the emotion judge hears every emotion as Angry; about +0.5 at 1.2), while 1.0 leaves audible noise")
     guidance: float = Field(1.0, ge=0.0, description="classifier-free guidance scale during rollouts (1 = off)")
+    plain_steps: Literal["stochastic", "ode"] = Field(
+        "stochastic", description="how a rollout takes the steps outside [t_lo, t_hi], where it draws no candidates: "
+        "stochastic (the paper's SDE sampler throughout) or ode (the probability-flow step the evaluation samples "
+        "with, so the states the learner trains at are the ones the judged model reaches; not the paper's)")
     threshold: float = Field(0.3, ge=0.0, lt=1.0, description="keep a pair if softmax([S_w, S_l]) margin > threshold (SPO: 0.3)")
     next_state: Literal["random", "greedy"] = Field("random", description="random: the paper; greedy collapses rollouts")
     pair_steps: Literal["all", "one"] = Field("all", description="all steps in range (SPO's code) or one sampled step")
@@ -375,10 +379,18 @@ class AlignConfig(_Strict):
         False, description="draw a pool's candidates with common noise outside one random window of "
         "learner_crop_frames frames, which the learner then trains on (not the paper's: each pair's score difference "
         "then comes from the frames the learner sees; needs learner_crop_frames)")
+    candidate_window_frames: int | None = Field(
+        None, ge=1, description="frames the windowed candidates differ in, placed inside the learner's crop "
+        "(None: the whole crop). Fewer frames, fewer numbers a pool's estimate of the reward's gradient is spread "
+        "over (bench/pool_estimate.py), while the crop keeps the U-Net's context (not the paper's)")
     candidate_level: Literal["own", "shared", "band"] = Field(
         "own", description="shared: a pool's windowed candidates share their mean over the window (still exact draws), "
         "so the reward cannot rank them by overall level; band: they share each mel band's mean over the window, so "
         "not by spectral tilt or any band's level either (not the paper's; both need candidate_window)")
+    level_anchor: float = Field(
+        0.0, ge=0.0, description="weight of the step's KL to the reference along each mel band's mean "
+        "(easpo.band_level_kl): a KL penalty only where the reward cannot see, against the decoder's level drifting "
+        "as a side effect (not the paper's; 0: off)")
     lr: float = Field(1e-5, gt=0.0, description="decoder AdamW lr, the paper's 1e-5 (on the tiny preset 1e-4 with "
                       "best/worst pairs collapsed every judge metric within 60 updates; its pool_matched default "
                       "takes 1e-4)")
@@ -405,6 +417,12 @@ class AlignConfig(_Strict):
             raise ValueError(f"t_range: [{lo}, {hi}] must satisfy 0 <= t_lo < t_hi <= 1")
         if self.candidate_window and not self.learner_crop_frames:
             raise ValueError("candidate_window: needs learner_crop_frames (the window's size)")
+        if self.candidate_window_frames is not None:
+            if not self.candidate_window:
+                raise ValueError("candidate_window_frames: needs candidate_window")
+            if self.candidate_window_frames > self.learner_crop_frames:
+                raise ValueError(f"candidate_window_frames: {self.candidate_window_frames} must fit in the learner's "
+                                 f"crop (learner_crop_frames = {self.learner_crop_frames})")
         if self.candidate_level != "own" and not self.candidate_window:
             raise ValueError(f"candidate_level: {self.candidate_level} needs candidate_window (the level is the window's)")
         h = 1.0 / self.sampler_steps

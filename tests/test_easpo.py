@@ -462,3 +462,127 @@ def test_band_level_candidates_share_every_bands_window_mean_and_are_still_exact
                                                         8, g, "band")[0, 0, :, 4:12].mean(dim=-1) for _ in range(2000)])
     assert float(band_means.var(dim=0).mean()) == pytest.approx(4 / 8, rel=0.1)
     assert float(band_means[:, 0].mul(band_means[:, 1]).mean()) == pytest.approx(0.0, abs=0.05)  # bands independent
+
+
+def test_mirrored_candidates_pair_each_window_noise_with_its_negation_and_are_still_exact_draws():
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(2, 8, 16, generator=g)
+    for level in ("own", "band"):
+        draws = easpo.windowed_candidates(mean, torch.tensor(4.0), 400, torch.tensor([0, 8]), 8, g, level, mirrored=True)
+        for b, s in enumerate((0, 8)):
+            window = draws[:, b, :, s:s + 8] - mean[b, :, s:s + 8]
+            centre = window.mean(dim=-1, keepdim=True) if level == "band" else torch.zeros(())
+            deviation = window - centre  # band: the shared band means are common, not mirrored
+            if level == "band":  # … so the whole pool keeps one mean per band (a mirrored level would rank by level)
+                assert float((centre - centre[:1]).abs().max()) < 1e-5
+            assert torch.allclose(deviation[:200], -deviation[200:], atol=1e-5)
+            # the deviations keep an exact draw's spread: variance 4, less a band mean's 4 / 8 under band
+            assert float(deviation.pow(2).mean()) == pytest.approx(4.0 * (7 / 8 if level == "band" else 1), rel=0.05)
+            assert float((window[0] - window[1]).abs().max()) > 0.5  # two draws, not one and its copy
+            outside = torch.cat([draws[:, b, :, :s], draws[:, b, :, s + 8:]], dim=-1)
+            assert torch.equal(outside, outside[:1].expand_as(outside))
+    # marginally each candidate is an exact draw: the second half's window has the first half's variance
+    second = torch.stack([easpo.windowed_candidates(torch.zeros(1, 8, 16), torch.tensor(4.0), 2, torch.tensor([4]),
+                                                    8, g, "band", mirrored=True)[1, 0, :, 4:12] for _ in range(2000)])
+    assert float(second.var(dim=0).mean()) == pytest.approx(4.0, rel=0.05)
+    assert float(second.mean(dim=-1).var(dim=0).mean()) == pytest.approx(4 / 8, rel=0.1)
+    with pytest.raises(ValueError, match="even k"):
+        easpo.windowed_candidates(mean, torch.tensor(4.0), 3, torch.tensor([0, 8]), 8, g, mirrored=True)
+
+
+def test_pool_gradient_estimate_is_unbiased_and_as_noisy_as_the_count_of_candidates_against_dimensions():
+    g = torch.Generator().manual_seed(0)
+    d, k, var = 400, 16, torch.tensor(0.25)
+    direction = torch.randn(d, generator=g)
+    mean = torch.randn(d, generator=g)
+
+    def pool_estimate() -> torch.Tensor:
+        pool = mean + var.sqrt() * torch.randn(k, d, generator=g)
+        return easpo.pool_gradient_estimate(pool, mean, var, pool @ direction)  # a linear reward: gradient = direction
+
+    estimates = torch.stack([pool_estimate() for _ in range(600)])
+    cos = torch.nn.functional.cosine_similarity(estimates, direction.expand_as(estimates), dim=1)
+    assert float(cos.mean()) == pytest.approx((k / (k + d)) ** 0.5, rel=0.1)  # one pool: mostly noise
+    average = estimates.mean(dim=0)  # many pools: the gradient itself, at its own scale (unbiased)
+    assert float(torch.nn.functional.cosine_similarity(average, direction, dim=0)) > 0.95
+    assert float(average @ direction / direction.pow(2).sum()) == pytest.approx(1.0, rel=0.05)
+    with pytest.raises(ValueError, match="k >= 2"):
+        easpo.pool_gradient_estimate(mean[None], mean, var, torch.zeros(1))
+
+
+def test_a_candidate_window_smaller_than_the_crop_lies_inside_the_learners_cut():
+    with pytest.raises(ValueError, match="must fit in the learner's crop"):
+        align_cfg(candidate_window=True, learner_crop_frames=8, candidate_window_frames=12)
+    with pytest.raises(ValueError, match="needs candidate_window"):
+        align_cfg(learner_crop_frames=8, candidate_window_frames=4)
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, k=4, objective="pool_matched", candidate_window=True,
+                    learner_crop_frames=8, candidate_window_frames=3, lr=3e-3)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    pairs = _pairs(learner.policy, cfg)
+    assert len(pairs) and pairs.x_t.shape[-1] > 8
+    for i, s in enumerate(pairs.window_start.tolist()):  # the candidates differ in 3 frames only
+        differ = (pairs.pool[i] != pairs.pool[i, :1]).flatten(0, 1).any(dim=0)
+        assert differ[s:s + 3].all() and int(differ.sum()) == 3
+    offsets = set()
+    for seed in range(20):
+        cropped = easpo.crop_pairs(pairs, 8, torch.Generator().manual_seed(seed), easpo.candidate_frames(cfg, 8))
+        assert cropped.pool.shape[-1] == 8
+        for i, s in enumerate(pairs.window_start.tolist()):
+            differ = (cropped.pool[i] != cropped.pool[i, :1]).flatten(0, 1).any(dim=0)
+            assert int(differ.sum()) == 3  # the whole candidate window is inside the cut …
+            start = int(differ.nonzero()[0])
+            offsets.add(start)
+            # … and the cut is the utterance's own frames around it
+            assert torch.equal(cropped.x_t[i], pairs.x_t[i, :, s - start:s - start + 8])
+            assert s - start + int(cropped.mask[i].sum()) <= int(pairs.mask[i].sum())
+    assert len(offsets) > 3  # placed at random offsets, not always at the cut's edge
+    stats = learner.update(pairs, torch.Generator().manual_seed(0))
+    assert stats["loss"] > 0 and stats["pairs"] == len(pairs)
+
+
+def test_ode_plain_steps_bring_the_rollout_to_its_first_preference_step_as_the_evaluations_sampler_does():
+    model = tiny_model()
+    text = text_batch(3, 9)
+    reached = {}
+    for plain in ("ode", "stochastic"):
+        cfg = align_cfg(threshold=0.0, sampler_steps=8, t_range=[0.0, 0.3], plain_steps=plain)
+        pairs = easpo.rollout(model, text, cfg, emotion_energy_reward, torch.Generator().manual_seed(5)).batch
+        first = int(pairs.step.min())
+        assert first == 6  # t = 0.1875, the first midpoint at or under 0.3
+        reached[plain] = pairs.x_t[pairs.step == first]
+    # the evaluation's sampler: X_1 from the same generator, then six probability-flow steps
+    with torch.no_grad():
+        prior = model.encode(text)
+        x = model.initial_state(prior, cfg.temperature, torch.Generator().manual_seed(5))
+        for i in range(6):
+            x = model.ode_step(x, 1.0 - (i + 0.5) / 8, 1.0 / 8, prior)
+    assert torch.allclose(reached["ode"], x, rtol=1e-4, atol=1e-3)  # an untrained model's states are large
+    assert not torch.allclose(reached["stochastic"], x, rtol=1e-2, atol=1e-1)  # the paper's rollout gets there by the SDE
+
+
+def test_band_level_kl_is_the_kl_along_band_means_and_the_anchor_holds_the_decoders_level():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(2, 4, 10, generator=g)
+    mask = torch.ones(2, 1, 10)
+    mask[1, :, 6:] = 0
+    shift = torch.tensor([0.3, -0.2, 0.0, 0.1])
+    wiggle = torch.randn(2, 4, 10, generator=g)
+    wiggle = wiggle - (wiggle * mask).sum(-1, keepdim=True) / mask.sum(-1, keepdim=True)  # no band mean of its own
+    kl = easpo.band_level_kl(ref + shift[None, :, None] + wiggle, ref, 0.5, mask, "sum")
+    expected = torch.tensor([10.0, 6.0]) * float(shift.pow(2).sum()) / (2 * 0.5)
+    assert torch.allclose(kl, expected, rtol=1e-4)
+    assert torch.allclose(easpo.band_level_kl(ref + wiggle, ref, 0.5, mask, "sum"), torch.zeros(2), atol=1e-6)
+    assert torch.allclose(easpo.band_level_kl(ref + shift[None, :, None], ref, 0.5, mask, "mean"),
+                          expected / (torch.tensor([10.0, 6.0]) * 4), rtol=1e-4)
+    # in the learner: the same updates with a large anchor leave the step's band means nearer the reference's
+    drift = {}
+    for anchor in (0.0, 1e3):
+        cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3, level_anchor=anchor)
+        learner = easpo.EASPOLearner(tiny_model(), cfg)
+        pairs = _pairs(learner.policy, cfg)
+        for _ in range(10):
+            stats = learner.update(pairs, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            drift[anchor] = float(easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce).band_kl.mean())
+        assert "band_kl" in stats
+    assert drift[1e3] < 0.5 * drift[0.0]

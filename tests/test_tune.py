@@ -62,6 +62,10 @@ def test_shipped_spaces_load_and_hold_the_paper_ablations():
     level = spaces["candidate_level"]
     assert level.grid_size() == 9 and level.space["align.candidate_level"].values == ("own", "shared", "band")
     assert level.resolve({"align.candidate_level": "band", "align.seed": 2}).align.candidate_level == "band"
+    drift = spaces["level_drift"]
+    assert drift.grid_size() == 18 and drift.space["align.plain_steps"].values == ("stochastic", "ode")
+    trial = drift.resolve({"align.level_anchor": 10.0, "align.plain_steps": "ode", "align.seed": 1}).align
+    assert (trial.level_anchor, trial.plain_steps, trial.candidate_level, trial.seed) == (10.0, "ode", "band", 1)
 
 
 @pytest.mark.parametrize("text,fragment", [

@@ -63,6 +63,11 @@ def crop_frames(cfg: AlignConfig, length_multiple: int) -> int | None:
     return -(-cfg.learner_crop_frames // length_multiple) * length_multiple
 
 
+def candidate_frames(cfg: AlignConfig, crop: int) -> int:
+    """Frames a pool's windowed candidates differ in: `candidate_window_frames`, else the whole crop."""
+    return min(cfg.candidate_window_frames or crop, crop)
+
+
 def window_starts(mask: Tensor, frames: int, generator: torch.Generator) -> Tensor:
     """(B,) start of one uniformly placed window of `frames` inside each item's valid frames (CPU, long);
     an item shorter than the window starts at 0."""
@@ -78,7 +83,8 @@ def window_index(starts: Tensor, frames: int, like: Tensor) -> Tensor:
 
 
 def windowed_candidates(mean: Tensor, variance: Tensor, k: int, starts: Tensor, frames: int,
-                        generator: torch.Generator, level: Literal["own", "shared", "band"] = "own") -> Tensor:
+                        generator: torch.Generator, level: Literal["own", "shared", "band"] = "own",
+                        mirrored: bool = False) -> Tensor:
     """k draws of N(mean, variance) (B, n_feats, T) → (k, B, n_feats, T) that share their noise outside
     one window per item (common random numbers).
 
@@ -97,10 +103,20 @@ def windowed_candidates(mean: Tensor, variance: Tensor, k: int, starts: Tensor, 
     updates (on the tiny preset, a decoder whose level drifts away from the recordings' loses the judge).
     `level="band"` shares each feature row's mean over the window instead (the same construction per
     mel band): no per-band level either, so neither spectral tilt nor any other envelope-wide direction.
+
+    `mirrored=True` (antithetic sampling; k even) draws k/2 window noises and pairs each with its
+    negation (the level's shared part, if any, is not negated): every candidate is still an exact draw,
+    and each mirrored pair's score difference loses the reward's part that is even in the noise. Not an
+    alignment option: on the tiny preset EASPM is locally linear over a step's noise, so the even part
+    is negligible and k/2 directions estimate its gradient worse than k (`bench/pool_estimate.py`).
     """
+    if mirrored and k % 2:
+        raise ValueError(f"mirrored candidates need an even k, got {k}")
     shared = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
     noise = shared.unsqueeze(0).repeat(k, *([1] * mean.dim()))
-    own = torch.randn((k, *mean.shape[:-1], frames), generator=generator, device=generator.device).to(mean)
+    drawn = k // 2 if mirrored else k
+    own = torch.randn((drawn, *mean.shape[:-1], frames), generator=generator, device=generator.device).to(mean)
+    common = None
     if level != "own":
         axes = tuple(range(2, own.dim())) if level == "shared" else (-1,)
         shape = [1, *own.shape[1:]]
@@ -108,12 +124,32 @@ def windowed_candidates(mean: Tensor, variance: Tensor, k: int, starts: Tensor, 
             shape[axis] = 1
         pooled = math.prod(own.shape[a] for a in axes)
         common = torch.randn(shape, generator=generator, device=generator.device).to(mean) / math.sqrt(pooled)
-        own = own - own.mean(dim=axes, keepdim=True) + common
+        own = own - own.mean(dim=axes, keepdim=True)
+    if mirrored:
+        own = torch.cat([own, -own])
+    if common is not None:
+        own = own + common
     noise.scatter_(-1, window_index(starts, frames, noise.transpose(0, 1)).transpose(0, 1), own)
     std = variance.sqrt()
     if std.dim() == 1:  # per-item times
         std = std.reshape(1, -1, *([1] * (mean.dim() - 1)))
     return mean.unsqueeze(0) + std * noise
+
+
+def pool_gradient_estimate(pool: Tensor, mean: Tensor, variance: Tensor | float, scores: Tensor) -> Tensor:
+    """The reward's gradient at the step, estimated from one scored pool: (k, ...) candidates drawn from
+    N(mean, variance), (k,) scores → Σ_i (S_i - S̄)(x_i - mean) / ((k - 1) variance), shaped like mean.
+
+    What `pool_matched` pushes into the decoder at the reference (through the step's mean); unbiased
+    for the gradient of E_ε[S(mean + σ ε)] (Stein's lemma; k - 1 because S̄ includes S_i). For a locally
+    linear reward its cosine with that gradient is about sqrt(n / (n + d)) for n independent candidates
+    differing in d numbers: the count `bench/pool_estimate.py` checks EASPM against.
+    """
+    k = pool.shape[0]
+    if k < 2 or scores.shape != (k,):
+        raise ValueError(f"need k >= 2 candidates and one score each, got {k} and {tuple(scores.shape)}")
+    weights = (scores - scores.mean()).reshape(k, *([1] * (pool.dim() - 1)))
+    return (weights * (pool - mean)).sum(dim=0) / ((k - 1) * variance)
 
 
 # --------------------------------------------------------------------------------------- selection
@@ -228,7 +264,8 @@ def rollout(
 
     `pair_steps = "one"` (the paper's wording) draws one step per trajectory uniformly from the
     preference range; `"all"` (SPO's code, the default) uses every step in range. Steps outside the
-    range, and steps of a trajectory that is not at its chosen step, are plain stochastic steps.
+    range, and steps of a trajectory that is not at its chosen step, are plain steps: stochastic, or the
+    probability-flow ODE's with `plain_steps="ode"` (outside the range only).
     The candidates are scored at `candidate_time(t, h)`, the time they are states of. `send_condition`
     adds each candidate's `mu` and speaker to its score request (a reward scoring the base model's clean
     estimate needs them; others would only carry the extra bytes to the reward actor).
@@ -249,11 +286,16 @@ def rollout(
     window = crop_frames(cfg, policy.length_multiple) if cfg.candidate_window else None
     if window is not None and window >= x.shape[-1]:
         window = None  # the whole (padded) utterance is one window: the learner will not crop either
+    if window is not None:
+        window = candidate_frames(cfg, window)  # the learner's crop is placed around it (crop_pairs)
     parts: list[dict[str, Tensor]] = []
     produced = scored = 0
     margins: list[Tensor] = []
     for i, t in enumerate(step_times(n)):
         if i not in active_any:
+            if cfg.plain_steps == "ode":
+                x = policy.ode_step(x, t, h, prior, cfg.guidance)
+                continue
             mean, variance = policy.reverse_step_mean(x, t, h, prior, cfg.guidance)
             noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x)
             x = (mean + variance.sqrt() * noise) * prior.mask
@@ -322,7 +364,8 @@ def rollout(
 
 # --------------------------------------------------------------------------------------------- crop
 
-def crop_pairs(pairs: PreferenceBatch, frames: int, generator: torch.Generator) -> PreferenceBatch:
+def crop_pairs(pairs: PreferenceBatch, frames: int, generator: torch.Generator,
+               window_frames: int | None = None) -> PreferenceBatch:
     """Each pair cut to one window of `frames` frames of its utterance (shorter ones: from 0).
 
     The learner's cost is a U-Net forward and backward per pair over the whole utterance; a window
@@ -330,12 +373,22 @@ def crop_pairs(pairs: PreferenceBatch, frames: int, generator: torch.Generator) 
     Grad-TTS trains its decoder on random segments. Policy and reference see the same window, so
     the log-ratio is still exactly 0 at the start. Pairs whose candidates were drawn to differ in one
     window (`align.candidate_window`) are cut at that window; others at one drawn from `generator`.
+    A candidate window of `window_frames` < `frames` frames lies inside the cut at an offset drawn
+    from `generator` (the frames around it are the candidates' common noise: context for the U-Net
+    that adds the same log-ratio to every candidate of a pool).
     """
     total = pairs.x_t.shape[-1]
     if frames >= total:
         return pairs
     if len(pairs) and bool((pairs.window_start >= 0).all()):
         starts = pairs.window_start.cpu()
+        inner = window_frames or frames
+        if inner < frames:
+            lengths = pairs.mask.sum(dim=(1, 2)).long().cpu()
+            lo = (starts + inner - frames).clamp_min(0)
+            hi = torch.maximum(lo, torch.minimum(starts, (lengths - frames).clamp_min(0)))
+            draw = torch.rand(len(starts), generator=generator, device=generator.device).cpu()
+            starts = lo + (draw * (hi - lo + 1)).long().clamp_max(hi - lo)
     else:
         starts = window_starts(pairs.mask, frames, generator)
 
@@ -367,6 +420,7 @@ class StepLogRatios:
     win: Tensor  # (P,)
     lose: Tensor  # (P,)
     pool: Tensor  # (P, k), or (P, 0) when the batch carries no pools
+    band_kl: Tensor | None = None  # (P,) KL(π_θ ‖ π_ref) along each mel band's mean over the frames (level_anchor)
 
 
 def step_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch, reduce: str, guidance: float = 1.0
@@ -387,9 +441,10 @@ def step_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch,
     variance = variance.reshape(-1) if variance.dim() > 1 else variance
     l_w = diffusion.gaussian_log_ratio(pairs.x_win, mean, ref_mean, variance, pairs.mask, reduce)
     l_l = diffusion.gaussian_log_ratio(pairs.x_lose, mean, ref_mean, variance, pairs.mask, reduce)
+    band_kl = band_level_kl(mean, ref_mean, variance, pairs.mask, reduce)
     n, k = pairs.pool.shape[:2]
     if k == 0:
-        return StepLogRatios(l_w, l_l, l_w.new_zeros(n, 0))
+        return StepLogRatios(l_w, l_l, l_w.new_zeros(n, 0), band_kl)
 
     def per_candidate(x: Tensor) -> Tensor:
         return x.repeat_interleave(k, 0)
@@ -398,7 +453,29 @@ def step_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch,
         pairs.pool.reshape(n * k, *pairs.pool.shape[2:]), per_candidate(mean), per_candidate(ref_mean),
         per_candidate(variance) if variance.dim() == 1 else variance, per_candidate(pairs.mask), reduce,
     ).reshape(n, k)
-    return StepLogRatios(l_w, l_l, l_pool)
+    return StepLogRatios(l_w, l_l, l_pool, band_kl)
+
+
+def band_level_kl(mean: Tensor, ref_mean: Tensor, variance: Tensor | float, mask: Tensor, reduce: str) -> Tensor:
+    """(P,) KL(π_θ ‖ π_ref) of one step restricted to the mel bands' means over the (masked) frames.
+
+    The two policies are Gaussians of one variance v, so along the mean of band b over n frames the KL
+    is n Δ_b² / (2 v), Δ_b the band's mean shift; summed over bands (`reduce="sum"`) or per element
+    (`"mean"`, the log-ratios' convention). Under `candidate_level=band` no pool can be ranked by a band's
+    level, so the reward carries no preference along these directions: what moves the decoder there is a
+    side effect of the other updates (on the tiny preset, the output level drifting off the recordings'
+    as Emo SIM falls), which `align.level_anchor` charges at this price, as an RLHF KL term would.
+    """
+    variance = torch.as_tensor(variance, dtype=mean.dtype, device=mean.device)
+    if variance.dim() == 1:
+        variance = variance.reshape(-1, 1)
+    m = mask.to(mean.dtype)
+    frames = m.sum(dim=(1, 2)).clamp_min(1.0)  # (P,)
+    shift = ((mean - ref_mean) * m).sum(dim=-1) / frames.unsqueeze(1)  # (P, n_feats)
+    kl = (frames.unsqueeze(1) * shift.pow(2) / (2.0 * variance)).sum(dim=1)
+    if reduce == "sum":
+        return kl
+    return kl / (frames * mean.shape[1])
 
 
 def pair_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch, reduce: str, guidance: float = 1.0
@@ -438,10 +515,14 @@ def pool_matched_loss(l_pool: Tensor, scores: Tensor, cfg: AlignConfig) -> Tenso
 
 
 def objective_loss(ratios: StepLogRatios, pairs: PreferenceBatch, cfg: AlignConfig) -> Tensor:
-    """Per-pair (per-pool) loss of `cfg.objective`."""
+    """Per-pair (per-pool) loss of `cfg.objective`, plus `cfg.level_anchor` times the band-level KL."""
     if cfg.objective == "pool_matched":
-        return pool_matched_loss(ratios.pool, pairs.pool_scores, cfg)
-    return preference_loss(ratios.win, ratios.lose, pairs.score_win, pairs.score_lose, cfg)
+        loss = pool_matched_loss(ratios.pool, pairs.pool_scores, cfg)
+    else:
+        loss = preference_loss(ratios.win, ratios.lose, pairs.score_win, pairs.score_lose, cfg)
+    if cfg.level_anchor and ratios.band_kl is not None:
+        loss = loss + cfg.level_anchor * ratios.band_kl
+    return loss
 
 
 def implicit_accuracy(l_w: Tensor, l_l: Tensor) -> float:
@@ -494,7 +575,8 @@ class EASPOLearner:
         device = next(self.policy.parameters()).device
         frames = crop_frames(self.cfg, self.policy.length_multiple)
         if frames:
-            pairs = crop_pairs(pairs, frames, generator or torch.Generator().manual_seed(self.updates))
+            pairs = crop_pairs(pairs, frames, generator or torch.Generator().manual_seed(self.updates),
+                               candidate_frames(self.cfg, frames))
         pairs = pairs.to(device)
         ratios = step_log_ratios(self.policy, self.reference, pairs, self.cfg.reduce, self.cfg.guidance)
         l_w, l_l = ratios.win, ratios.lose
@@ -511,6 +593,7 @@ class EASPOLearner:
             "log_ratio_margin": float((l_w - l_l).detach().mean()),
             "log_ratio_abs_max": float(torch.cat([l_w, l_l]).detach().abs().max()),
             "implicit_accuracy": implicit_accuracy(l_w, l_l),  # l_w, l_l are from before this step
+            "band_kl": float(ratios.band_kl.detach().mean()) if ratios.band_kl is not None else 0.0,
             "reward_margin": float((pairs.score_win - pairs.score_lose).mean()),
             "win_score": float(pairs.score_win.mean()),
         })

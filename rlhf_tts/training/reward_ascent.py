@@ -44,7 +44,8 @@ def ascent_location(cfg: RunConfig, states: int):  # noqa: ANN201 - AlignedModel
 
 def run_reward_ascent(cfg: RunConfig, states: int, progress=None) -> tuple[object, dict]:  # noqa: ANN001
     """`align.steps` updates of reward ascent; returns (model location, summary with per-update history)."""
-    from rlhf_tts.algos.easpo import crop_frames, crop_pairs, implicit_accuracy, pair_log_ratios, rollout
+    from rlhf_tts.algos.easpo import (candidate_frames, crop_frames, crop_pairs, implicit_accuracy, pair_log_ratios,
+                                      rollout)
     from rlhf_tts.algos.reward_ascent import reward_ascent_loss
     from rlhf_tts.training.align import (LearnerCore, align_seed, fresh_pair_accuracy, load_prompts, load_reward,
                                          reward_needs_condition, rollout_generator, stable_int)
@@ -77,7 +78,7 @@ def run_reward_ascent(cfg: RunConfig, states: int, progress=None) -> tuple[objec
             judged = pairs
             frames = crop_frames(align, learner.policy.length_multiple)
             if frames:  # read as the EASPO learner reads them
-                judged = crop_pairs(pairs, frames, g)
+                judged = crop_pairs(pairs, frames, g, candidate_frames(align, frames))
             judged = judged.to(device)
             with torch.no_grad():  # the pairs are new to the policy: read them before stepping
                 l_w, l_l = pair_log_ratios(learner.policy, learner.reference, judged, align.reduce, align.guidance)

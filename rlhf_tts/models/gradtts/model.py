@@ -234,9 +234,13 @@ class GradTTS(nn.Module):
                 mean, variance = self.reverse_step_mean(x, t, h, prior, guidance)
                 x = (mean + torch.sqrt(variance) * _noise(prior, generator)) * prior.mask
             else:
-                score = self.score(x, t, prior, guidance)
-                x = diffusion.ode_step(x, prior.mu, score, t, h, self.cfg.beta_min, self.cfg.beta_max) * prior.mask
+                x = self.ode_step(x, t, h, prior, guidance)
         return x
+
+    def ode_step(self, x_t: Tensor, t: Tensor | float, h: float, prior: Prior, guidance: float = 1.0) -> Tensor:
+        """One deterministic step of the probability-flow ODE from t to t - h (the evaluation's sampler)."""
+        score = self.score(x_t, t, prior, guidance)
+        return diffusion.ode_step(x_t, prior.mu, score, t, h, self.cfg.beta_min, self.cfg.beta_max) * prior.mask
 
     # ------------------------------------------------------------------ training
 
