@@ -90,12 +90,14 @@ def systems_figure(utterance, outputs: dict, reference_f0: np.ndarray, features,
 
 
 def alignment_curves_figure(history: list[dict[str, float]], title: str, path: str | Path) -> Path:
-    """EASPO training curves against learner updates: loss, reward and log-ratio margins, kept pairs and
-    the implicit accuracy on fresh pairs (with its no-preference line at 0.5)."""
+    """EASPO training curves against learner updates: loss, reward and log-ratio margins, kept pairs, the
+    implicit accuracy on fresh pairs (with its no-preference line at 0.5) and the band-level KL to the
+    reference (how far the decoder's per-band level has moved: on the tiny preset, where the judge's
+    gains and losses came from)."""
     plt = _pyplot()
     panels = [("loss", "loss"), ("reward_margin", "reward margin S_w - S_l"),
               ("log_ratio_margin", "log-ratio margin l_w - l_l"), ("kept_fraction", "kept-pair fraction"),
-              ("implicit_accuracy", "implicit accuracy, fresh pairs")]
+              ("implicit_accuracy", "implicit accuracy, fresh pairs"), ("band_kl", "band-level KL to reference")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         points = [(row["updates"], row[key]) for row in history if key in row and "updates" in row]
