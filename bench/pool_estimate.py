@@ -4,8 +4,8 @@
 
 `pool_matched`'s update at the reference is the score-function estimate of EASPM's gradient with
 respect to the next state, Σ_i (S_i - S̄)(x_i - μ) / ((k - 1) σ²), pushed into the decoder through μ_θ
-(rlhf_tts/algos/easpo.py::pool_gradient_estimate, pool_matched_loss). This bench measures that estimate where it is made:
-on the base model's own rollout states at the preference steps of `align.*` (the train split's
+(rlhf_tts/algos/easpo.py::pool_gradient_estimate, pool_matched_loss). This bench measures that
+estimate where it is made: on the base model's own rollout states at the preference steps of `align.*` (the train split's
 prompts, the rollout's sampler), it draws `--pools` pools of `--k` windowed candidates per state and
 compares each pool's estimate, inside the window, with the reward's exact gradient there
 (autograd through EASPM, averaged over `--samples` draws of the step: the smoothed gradient the
@@ -24,8 +24,8 @@ exact, ~0 = noise) with its standard error, the linear count beside it, and the 
 first row's independent draw; then the same cosine where the update happens, both directions pulled
 back through the step's mean into the decoder's weights (J^T v, the rollout's whole-utterance U-Net;
 heavy-tailed across states, so read it with its standard error). Higher is less noise at the same
-scoring cost. Needs the config's cached base model
-and EASPM (`python -m rlhf_tts.run stages=[data,pretrain,easpm]`).
+scoring cost. Needs the config's cached base model and EASPM
+(`python -m rlhf_tts.run stages=[data,pretrain,easpm]`).
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def main() -> None:
     from rlhf_tts.config import load_config
     from rlhf_tts.models.gradtts import diffusion
     from rlhf_tts.rewards.base import ScoreRequest
-    from rlhf_tts.training.align import load_policy, load_prompts, load_reward, reward_needs_condition, rollout_generator
+    from rlhf_tts.training.align import (load_policy, load_prompts, load_reward, reward_needs_condition,
+                                         rollout_generator)
 
     cfg = load_config(None, ["preset=tiny", *args.overrides])
     align = cfg.align
@@ -162,7 +163,8 @@ def main() -> None:
         for name in draws_of:
             (m, se), (dm, dse) = mean_se(cosines[w, name]), mean_se(decoder_cosines[w, name])
             n = args.k // 2 if name == "mirrored" else args.k
-            print(f"{w:>7} {dims:>6} {name:>12} {m:+.4f} ± {se:.4f} {(n / (n + dims)) ** 0.5:>13.4f} {m / base:>5.2f}x | "
+            count = (n / (n + dims)) ** 0.5
+            print(f"{w:>7} {dims:>6} {name:>12} {m:+.4f} ± {se:.4f} {count:>13.4f} {m / base:>5.2f}x | "
                   f"{dm:+.4f} ± {dse:.4f} {dm / decoder_base:>5.2f}x")
 
 

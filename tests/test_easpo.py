@@ -557,7 +557,8 @@ def test_ode_plain_steps_bring_the_rollout_to_its_first_preference_step_as_the_e
         for i in range(6):
             x = model.ode_step(x, 1.0 - (i + 0.5) / 8, 1.0 / 8, prior)
     assert torch.allclose(reached["ode"], x, rtol=1e-4, atol=1e-3)  # an untrained model's states are large
-    assert not torch.allclose(reached["stochastic"], x, rtol=1e-2, atol=1e-1)  # the paper's rollout gets there by the SDE
+    # the paper's rollout gets there by the SDE
+    assert not torch.allclose(reached["stochastic"], x, rtol=1e-2, atol=1e-1)
 
 
 def test_band_level_kl_is_the_kl_along_band_means_and_the_anchor_holds_the_decoders_level():
@@ -583,6 +584,7 @@ def test_band_level_kl_is_the_kl_along_band_means_and_the_anchor_holds_the_decod
         for _ in range(10):
             stats = learner.update(pairs, torch.Generator().manual_seed(0))
         with torch.no_grad():
-            drift[anchor] = float(easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce).band_kl.mean())
+            ratios = easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce)
+        drift[anchor] = float(ratios.band_kl.mean())
         assert "band_kl" in stats
     assert drift[1e3] < 0.5 * drift[0.0]
