@@ -101,15 +101,11 @@ def main() -> None:
     level = align.candidate_level
     for n, state in enumerate(states):
         start = int(state.window_start[0])
-        with torch.no_grad():
-            score = policy.score(state.x_t, state.t, state.prior(), align.guidance)
-            mean, variance = diffusion.reverse_step_mean(state.x_t, state.mu, score, state.t, state.h.reshape(-1, 1, 1),
-                                                         policy.cfg.beta_min, policy.cfg.beta_max)
-        variance = variance.reshape(())
+        score = policy.score(state.x_t, state.t, state.prior(), align.guidance)  # with the graph, for pull_back
+        mean_g, variance = diffusion.reverse_step_mean(state.x_t, state.mu, score, state.t, state.h.reshape(-1, 1, 1),
+                                                       policy.cfg.beta_min, policy.cfg.beta_max)
+        mean, variance = mean_g.detach(), variance.detach().reshape(())
         t_score = easpo.candidate_time(state.t, state.h)
-        score_g = policy.score(state.x_t, state.t, state.prior(), align.guidance)  # again, with the graph
-        mean_g, _ = diffusion.reverse_step_mean(state.x_t, state.mu, score_g, state.t, state.h.reshape(-1, 1, 1),
-                                                policy.cfg.beta_min, policy.cfg.beta_max)
 
         def pull_back(v: torch.Tensor, w: int) -> torch.Tensor:
             """J^T v: a (n_feats, w) direction in the window, in the decoder's weights."""
