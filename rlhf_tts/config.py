@@ -391,6 +391,12 @@ class AlignConfig(_Strict):
         0.0, ge=0.0, description="weight of the step's KL to the reference along each mel band's mean "
         "(easpo.band_level_kl): a KL penalty only where the reward cannot see, against the decoder's level drifting "
         "as a side effect (not the paper's; 0: off)")
+    level_target: float = Field(
+        0.0, ge=0.0, description="weight of the squared gap, per mel band, between the level of the policy's one-step "
+        "clean estimate and the encoder's mu (easpo.prior_level_gap; mu is Grad-TTS's frame-wise mean of the mel): "
+        "aims the output's level at the corpus's for the text, speaker and emotion instead of the reference "
+        "policy's, which the tiny base models miss by up to 0.44 log-mel (not the paper's; 0: off). On the tiny "
+        "preset at lr 1e-4 even 0.03 set the level oscillating by ±1 log-mel and lost Emo SIM (docs/findings.md)")
     lr: float = Field(1e-5, gt=0.0, description="decoder AdamW lr, the paper's 1e-5 (on the tiny preset 1e-4 with "
                       "best/worst pairs collapsed every judge metric within 60 updates; its pool_matched default "
                       "takes 1e-4)")

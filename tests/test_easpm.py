@@ -464,6 +464,7 @@ def test_reward_view_reports_easpm_along_each_models_sampling_path(smoke_base, t
     assert confusion.sum(0).tolist() == judged["judge_named"]
     assert judged["agreement"] == pytest.approx(np.trace(confusion) / 6)
     assert np.isfinite(judged["level_offset"]) and 0.0 <= judged["judge_accuracy"] <= 1.0
+    assert np.isfinite(judged["prior_level_offset"]) and judged["prior_level_offset"] != judged["level_offset"]
     level = result["level"]  # EASPM on the recordings under a level offset: every utterance named at every offset
     assert level["offsets"] == [-1.0, -0.5, 0.0, 0.5, 1.0] and [sum(row) for row in level["named"]] == [6] * 5
     printed = capsys.readouterr().out

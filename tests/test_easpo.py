@@ -32,6 +32,8 @@ def test_align_cache_key_follows_the_resolved_alignment_seed(tmp_path):
     assert key("seed=1") == key("seed=1", "align.seed=1") != key("seed=1", "align.seed=0")
     assert key("align.lr=2e-5") != key() != key("align.prompt_emotions=balanced")
     assert key() == key("align.prompt_emotions=iid")
+    # an option left at its off value is the computation of the versions before it: the same cached model
+    assert key() == key("align.level_target=0") == key("align.level_anchor=0") != key("align.level_target=0.1")
 
 
 def test_balanced_prompts_give_every_emotion_one_trajectory_per_deck():
@@ -588,3 +590,36 @@ def test_band_level_kl_is_the_kl_along_band_means_and_the_anchor_holds_the_decod
         drift[anchor] = float(ratios.band_kl.mean())
         assert "band_kl" in stats
     assert drift[1e3] < 0.5 * drift[0.0]
+
+
+def test_prior_level_gap_is_the_clean_estimates_band_level_against_mu_and_the_target_closes_it():
+    from rlhf_tts.models.gradtts import diffusion
+
+    g = torch.Generator().manual_seed(1)
+    mu = torch.randn(2, 4, 10, generator=g)
+    mask = torch.ones(2, 1, 10)
+    mask[1, :, 7:] = 0
+    t = torch.tensor([0.1, 0.3])
+    x0 = mu + torch.tensor([0.5, -0.3, 0.0, 0.2])[None, :, None] + 0.1 * torch.randn(2, 4, 10, generator=g)
+    noise = torch.randn(2, 4, 10, generator=g)
+    x_t = diffusion.diffuse(x0, mu, t, noise, 0.05, 20.0)
+    variance = 1.0 - torch.exp(-diffusion.cumulative_beta(t, 0.05, 20.0)).reshape(-1, 1, 1)
+    exact_score = -noise / variance.sqrt()  # the score that recovers x0 exactly from this x_t
+    gap = easpo.prior_level_gap(x_t, mu, exact_score, t, mask, 0.05, 20.0)
+    expected = torch.stack([(x0 - mu)[0].mean(-1), (x0 - mu)[1, :, :7].mean(-1)])
+    assert torch.allclose(gap, expected, atol=1e-4)
+    # in the learner: the same updates with a large target leave the clean estimate's level nearer mu's
+    gaps = {}
+    for weight in (0.0, 30.0):
+        cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3, level_target=weight)
+        learner = easpo.EASPOLearner(tiny_model(), cfg)
+        pairs = _pairs(learner.policy, cfg)
+        for _ in range(10):
+            stats = learner.update(pairs, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ratios = easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce)
+        gaps[weight] = float(easpo.level_target_penalty(ratios).mean())
+        assert "level_gap" in stats
+    # on an untrained network most of the gap sits in x_t itself, which no score can move: the part the score
+    # controls falls by about 4.6 units in these 10 updates with the target, and does not move without it
+    assert gaps[30.0] < gaps[0.0] - 2.0

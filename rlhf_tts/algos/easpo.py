@@ -421,6 +421,8 @@ class StepLogRatios:
     lose: Tensor  # (P,)
     pool: Tensor  # (P, k), or (P, 0) when the batch carries no pools
     band_kl: Tensor | None = None  # (P,) KL(π_θ ‖ π_ref) along each mel band's mean over the frames (level_anchor)
+    level_gap: Tensor | None = None  # (P, n_feats) π_θ's clean estimate's band levels minus mu's (level_target)
+    level_weight: Tensor | None = None  # (P,) ρ_t², the clean estimate's signal fraction at each pair's t
 
 
 def step_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch, reduce: str, guidance: float = 1.0
@@ -442,9 +444,11 @@ def step_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch,
     l_w = diffusion.gaussian_log_ratio(pairs.x_win, mean, ref_mean, variance, pairs.mask, reduce)
     l_l = diffusion.gaussian_log_ratio(pairs.x_lose, mean, ref_mean, variance, pairs.mask, reduce)
     band_kl = band_level_kl(mean, ref_mean, variance, pairs.mask, reduce)
+    gap = prior_level_gap(pairs.x_t, pairs.mu, score, pairs.t, pairs.mask, beta_min, beta_max)
+    rho_sq = torch.exp(-diffusion.cumulative_beta(pairs.t.reshape(-1), beta_min, beta_max))
     n, k = pairs.pool.shape[:2]
     if k == 0:
-        return StepLogRatios(l_w, l_l, l_w.new_zeros(n, 0), band_kl)
+        return StepLogRatios(l_w, l_l, l_w.new_zeros(n, 0), band_kl, gap, rho_sq)
 
     def per_candidate(x: Tensor) -> Tensor:
         return x.repeat_interleave(k, 0)
@@ -453,7 +457,35 @@ def step_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch,
         pairs.pool.reshape(n * k, *pairs.pool.shape[2:]), per_candidate(mean), per_candidate(ref_mean),
         per_candidate(variance) if variance.dim() == 1 else variance, per_candidate(pairs.mask), reduce,
     ).reshape(n, k)
-    return StepLogRatios(l_w, l_l, l_pool, band_kl)
+    return StepLogRatios(l_w, l_l, l_pool, band_kl, gap, rho_sq)
+
+
+def band_means(x: Tensor, mask: Tensor) -> Tensor:
+    """(P, n_feats, T) → (P, n_feats): each mel band's mean over the masked frames."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim=-1) / m.sum(dim=(1, 2)).clamp_min(1.0).unsqueeze(1)
+
+
+def prior_level_gap(x_t: Tensor, mu: Tensor, score: Tensor, t: Tensor, mask: Tensor, beta_min: float,
+                    beta_max: float) -> Tensor:
+    """(P, n_feats): per mel band, the level of the policy's one-step clean estimate (Tweedie's) minus mu's.
+
+    Grad-TTS trains the encoder's mu as the frame-wise mean of the mel (its prior loss), so mu's band
+    levels are the text's, speaker's and emotion's level as the corpus has it (within 0.1-0.2 log-mel of
+    the recordings on the tiny preset's base models), while the tiny decoder's outputs sat 0.40 below mu
+    on one base model and 0.44 above it on another (docs/findings.md, *A level target*). The gap flows into
+    the decoder through the score only: x_t and mu are inputs.
+    """
+    x0 = diffusion.x0_estimate(x_t, mu, score, t.reshape(-1), beta_min, beta_max)
+    return band_means(x0 - mu, mask)
+
+
+def level_target_penalty(ratios: StepLogRatios) -> Tensor:
+    """(P,) ρ_t² · mean over bands of the squared prior-level gap: in the noised state's units, so a
+    pair at large t, whose clean estimate is 1/ρ_t times noisier, weighs no more than one near t = 0."""
+    if ratios.level_gap is None or ratios.level_weight is None:
+        raise ValueError("level_target: the step's log-ratios carry no prior-level gap")
+    return ratios.level_weight * ratios.level_gap.pow(2).mean(dim=1)
 
 
 def band_level_kl(mean: Tensor, ref_mean: Tensor, variance: Tensor | float, mask: Tensor, reduce: str) -> Tensor:
@@ -515,13 +547,16 @@ def pool_matched_loss(l_pool: Tensor, scores: Tensor, cfg: AlignConfig) -> Tenso
 
 
 def objective_loss(ratios: StepLogRatios, pairs: PreferenceBatch, cfg: AlignConfig) -> Tensor:
-    """Per-pair (per-pool) loss of `cfg.objective`, plus `cfg.level_anchor` times the band-level KL."""
+    """Per-pair (per-pool) loss of `cfg.objective`, plus `cfg.level_anchor` times the band-level KL and
+    `cfg.level_target` times the prior-level penalty."""
     if cfg.objective == "pool_matched":
         loss = pool_matched_loss(ratios.pool, pairs.pool_scores, cfg)
     else:
         loss = preference_loss(ratios.win, ratios.lose, pairs.score_win, pairs.score_lose, cfg)
     if cfg.level_anchor and ratios.band_kl is not None:
         loss = loss + cfg.level_anchor * ratios.band_kl
+    if cfg.level_target:
+        loss = loss + cfg.level_target * level_target_penalty(ratios)
     return loss
 
 
@@ -594,6 +629,8 @@ class EASPOLearner:
             "log_ratio_abs_max": float(torch.cat([l_w, l_l]).detach().abs().max()),
             "implicit_accuracy": implicit_accuracy(l_w, l_l),  # l_w, l_l are from before this step
             "band_kl": float(ratios.band_kl.detach().mean()) if ratios.band_kl is not None else 0.0,
+            # signed: where the decoder's clean estimate sits against mu's level (before this step)
+            "level_gap": float(ratios.level_gap.detach().mean()) if ratios.level_gap is not None else 0.0,
             "reward_margin": float((pairs.score_win - pairs.score_lose).mean()),
             "win_score": float(pairs.score_win.mean()),
         })

@@ -93,11 +93,12 @@ def alignment_curves_figure(history: list[dict[str, float]], title: str, path: s
     """EASPO training curves against learner updates: loss, reward and log-ratio margins, kept pairs, the
     implicit accuracy on fresh pairs (with its no-preference line at 0.5) and the band-level KL to the
     reference (how far the decoder's per-band level has moved: on the tiny preset, where the judge's
-    gains and losses came from)."""
+    gains and losses came from) and the level of its clean estimate against mu's (align.level_target)."""
     plt = _pyplot()
     panels = [("loss", "loss"), ("reward_margin", "reward margin S_w - S_l"),
               ("log_ratio_margin", "log-ratio margin l_w - l_l"), ("kept_fraction", "kept-pair fraction"),
-              ("implicit_accuracy", "implicit accuracy, fresh pairs"), ("band_kl", "band-level KL to reference")]
+              ("implicit_accuracy", "implicit accuracy, fresh pairs"), ("band_kl", "band-level KL to reference"),
+              ("level_gap", "level gap to mu (clean estimate)")]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 2.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         points = [(row["updates"], row[key]) for row in history if key in row and "updates" in row]
@@ -110,6 +111,8 @@ def alignment_curves_figure(history: list[dict[str, float]], title: str, path: s
                 ax.plot(x[window - 1:], smooth, "-", lw=1.5)
         if key == "implicit_accuracy":
             ax.axhline(0.5, color="grey", lw=0.8, ls="--")  # no preference carried to new states
+        if key == "level_gap":
+            ax.axhline(0.0, color="grey", lw=0.8, ls="--")  # the clean estimate at mu's level
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("learner update", fontsize=7)
         ax.tick_params(labelsize=6)

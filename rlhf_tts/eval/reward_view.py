@@ -45,7 +45,7 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
                     finals: dict | None = None) -> dict[float, dict[str, float]]:
     """Per report time t: EASPM accuracy, mean target log-probability and mean target score over the
     utterances' states after the sampler step that ends at t (t = 1: the initial state). `finals`, when
-    given, receives utt_id → (final mel, the emotion index EASPM names for it at t = 0)."""
+    given, receives utt_id → (final mel, the emotion index EASPM names for it at t = 0, the encoder's mu)."""
     from rlhf_tts.eval.systems import _length_order, utterance_generator, utterance_text_batch
     from rlhf_tts.models.gradtts import diffusion
     from rlhf_tts.models.gradtts.model import item_noise
@@ -76,7 +76,9 @@ def trajectory_view(model, vocab, easpm, utterances: list, steps: int, temperatu
                                         target, targets.float()], 1))
             if t == 0.0 and finals is not None:  # the last step's end: the final outputs and EASPM's names
                 for row, u in enumerate(items):
-                    finals[u.utt_id] = (x[row, :, : int(prior.lengths[row])].numpy().copy(), int(named[row]))
+                    n = int(prior.lengths[row])
+                    finals[u.utt_id] = (x[row, :, :n].numpy().copy(), int(named[row]),
+                                        prior.mu[row, :, :n].numpy().copy())
 
         if 1.0 in hits:
             look(1.0)
@@ -107,7 +109,8 @@ def _summary(values: np.ndarray) -> dict[str, float]:
 
 def judge_agreement(finals: dict, utterances: list, easpm_emotions: list[str], judge, features) -> dict:  # noqa: ANN001
     """EASPM (on the final mels) against the emotion judge (on their Griffin-Lim round trips, as the
-    evaluation hears them), and the outputs' level against the recordings of the same utterances."""
+    evaluation hears them), and the outputs' level against the recordings of the same utterances, beside
+    the encoder's mu's (Grad-TTS's frame-wise mean of the mel: where the decoder's level should sit)."""
     from rlhf_tts.data.resynthesis import griffin_lim_mels
 
     ids = [u.utt_id for u in utterances if u.utt_id in finals]
@@ -117,10 +120,12 @@ def judge_agreement(finals: dict, utterances: list, easpm_emotions: list[str], j
     named = np.array([finals[i][1] for i in ids])
     target = np.array([easpm_emotions.index(by_id[i].emotion) for i in ids])
     level = [float(finals[i][0].mean() - by_id[i].mel.mean()) for i in ids]
+    prior_level = [float(finals[i][2].mean() - by_id[i].mel.mean()) for i in ids]
     confusion = np.zeros((len(easpm_emotions), len(easpm_emotions)), dtype=int)  # rows EASPM, columns the judge
     np.add.at(confusion, (named, judged), 1)
     return {"n": len(ids), "easpm_accuracy": float(np.mean(named == target)), "judge_accuracy": float(np.mean(judged == target)),
             "agreement": float(np.mean(named == judged)), "level_offset": float(np.mean(level)),
+            "prior_level_offset": float(np.mean(prior_level)),
             "easpm_named": np.bincount(named, minlength=len(easpm_emotions)).tolist(),
             "judge_named": np.bincount(judged, minlength=len(easpm_emotions)).tolist(),
             "confusion_easpm_by_judge": confusion.tolist()}
@@ -247,13 +252,16 @@ def report_markdown(result: dict) -> str:
     if judged:
         lines += ["", "## The reward against the judge (final outputs, t = 0)\n",
                   "EASPM reads the final mel; the judge hears its Griffin-Lim round trip, as in the evaluation. "
-                  "Level: mean log-mel of the outputs minus that of the same utterances' recordings.\n",
-                  "| model | n | EASPM accuracy | judge accuracy | agreement | level (log-mel) | EASPM names | judge names |",
-                  "|---|---:|---:|---:|---:|---:|---|---|"]
+                  "Level: mean log-mel of the outputs minus that of the same utterances' recordings; mu's: the "
+                  "encoder's prior mean's (the decoder's own share of the level is the difference).\n",
+                  "| model | n | EASPM accuracy | judge accuracy | agreement | level (log-mel) | mu's level "
+                  "| EASPM names | judge names |",
+                  "|---|---:|---:|---:|---:|---:|---:|---|---|"]
         for n in judged:
             j = result["models"][n]["judge"]
             lines.append(f"| {n} | {j['n']} | {j['easpm_accuracy']:.0%} | {j['judge_accuracy']:.0%} | {j['agreement']:.0%} | "
-                         f"{j['level_offset']:+.2f} | {' '.join(map(str, j['easpm_named']))} | "
+                         f"{j['level_offset']:+.2f} | {j['prior_level_offset']:+.2f} | "
+                         f"{' '.join(map(str, j['easpm_named']))} | "
                          f"{' '.join(map(str, j['judge_named']))} |")
         lines.append(f"\n(names: how many outputs each names as {', '.join(result['emotions'])}, in that order)")
     return "\n".join(lines) + "\n"

@@ -146,6 +146,8 @@ def align_key(cfg: RunConfig) -> str:
         exclude.add("plain_steps")  # likewise
     if not cfg.align.level_anchor:
         exclude.add("level_anchor")  # likewise
+    if not cfg.align.level_target:
+        exclude.add("level_target")  # likewise
     settings = {**cfg.align.model_dump(exclude=exclude), "seed": align_seed(cfg)}  # unset == the run's seed
     return stable_hash(base_model_location(cfg).directory.name, easpm_location(cfg).directory.name,
                        settings, cfg.seed, ALIGN_VERSION)
@@ -283,7 +285,7 @@ class LearnerCore:
 def history_row(stats: dict[str, float], pairs_per_s: float) -> dict[str, float]:
     """The per-update figures both loops keep for the training-curve plot."""
     keys = ("updates", "pairs", "loss", "reward_margin", "kept_fraction", "log_ratio_margin", "implicit_accuracy",
-            "win_score", "staleness", "band_kl")
+            "win_score", "staleness", "band_kl", "level_gap")
     return {k: float(stats[k]) for k in keys if k in stats} | {"pairs_per_s": float(pairs_per_s)}
 
 
