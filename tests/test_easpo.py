@@ -563,6 +563,17 @@ def test_ode_plain_steps_bring_the_rollout_to_its_first_preference_step_as_the_e
     assert not torch.allclose(reached["stochastic"], x, rtol=1e-2, atol=1e-1)
 
 
+def _ratios_after_updates(updates: int = 10, **overrides) -> tuple[easpo.StepLogRatios, dict[str, float]]:
+    """A tiny learner's log-ratios on one batch after `updates` steps on it, and the last step's stats."""
+    cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3, **overrides)
+    learner = easpo.EASPOLearner(tiny_model(), cfg)
+    pairs = _pairs(learner.policy, cfg)
+    for _ in range(updates):
+        stats = learner.update(pairs, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce), stats
+
+
 def test_band_level_kl_is_the_kl_along_band_means_and_the_anchor_holds_the_decoders_level():
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(2, 4, 10, generator=g)
@@ -580,13 +591,7 @@ def test_band_level_kl_is_the_kl_along_band_means_and_the_anchor_holds_the_decod
     # in the learner: the same updates with a large anchor leave the step's band means nearer the reference's
     drift = {}
     for anchor in (0.0, 1e3):
-        cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3, level_anchor=anchor)
-        learner = easpo.EASPOLearner(tiny_model(), cfg)
-        pairs = _pairs(learner.policy, cfg)
-        for _ in range(10):
-            stats = learner.update(pairs, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ratios = easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce)
+        ratios, stats = _ratios_after_updates(level_anchor=anchor)
         drift[anchor] = float(ratios.band_kl.mean())
         assert "band_kl" in stats
     assert drift[1e3] < 0.5 * drift[0.0]
@@ -611,13 +616,7 @@ def test_prior_level_gap_is_the_clean_estimates_band_level_against_mu_and_the_ta
     # in the learner: the same updates with a large target leave the clean estimate's level nearer mu's
     gaps = {}
     for weight in (0.0, 30.0):
-        cfg = align_cfg(threshold=0.0, sampler_steps=8, objective="reward_matched", lr=3e-3, level_target=weight)
-        learner = easpo.EASPOLearner(tiny_model(), cfg)
-        pairs = _pairs(learner.policy, cfg)
-        for _ in range(10):
-            stats = learner.update(pairs, torch.Generator().manual_seed(0))
-        with torch.no_grad():
-            ratios = easpo.step_log_ratios(learner.policy, learner.reference, pairs, cfg.reduce)
+        ratios, stats = _ratios_after_updates(level_target=weight)
         gaps[weight] = float(easpo.level_target_penalty(ratios).mean())
         assert "level_gap" in stats
     # on an untrained network most of the gap sits in x_t itself, which no score can move: the part the score

@@ -501,9 +501,8 @@ def band_level_kl(mean: Tensor, ref_mean: Tensor, variance: Tensor | float, mask
     variance = torch.as_tensor(variance, dtype=mean.dtype, device=mean.device)
     if variance.dim() == 1:
         variance = variance.reshape(-1, 1)
-    m = mask.to(mean.dtype)
-    frames = m.sum(dim=(1, 2)).clamp_min(1.0)  # (P,)
-    shift = ((mean - ref_mean) * m).sum(dim=-1) / frames.unsqueeze(1)  # (P, n_feats)
+    frames = mask.to(mean.dtype).sum(dim=(1, 2)).clamp_min(1.0)  # (P,)
+    shift = band_means(mean - ref_mean, mask)  # (P, n_feats)
     kl = (frames.unsqueeze(1) * shift.pow(2) / (2.0 * variance)).sum(dim=1)
     if reduce == "sum":
         return kl
