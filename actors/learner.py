@@ -36,6 +36,7 @@ class LearnerActor:
 
     def status(self) -> dict:
         return {"incarnation": self.incarnation, "updates": self.core.updates, "version": self.core.version,
+                "rollout_version": self.core.rollout_version,
                 "ledger": {k: v for k, v in self.core.ledger.to_json().items() if k not in ("consumed_ids", "pair_digests")},
                 "pair_digests": dict(self.core.ledger.pair_digests),
                 "consumed_ids": list(self.core.ledger.consumed_ids)}
@@ -45,6 +46,10 @@ class LearnerActor:
 
     def decoder_weights(self) -> dict[str, torch.Tensor]:
         return self.core.decoder_state()
+
+    def rollout_weights(self) -> dict[str, torch.Tensor]:
+        """The decoder of `rollout_version` (`align.policy_lag` versions back), which rollout actors run."""
+        return self.core.rollout_state()
 
     def checkpoint(self) -> str:
         return str(self.core.checkpoint())

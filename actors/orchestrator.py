@@ -2,9 +2,9 @@
 bounded in-flight rollouts, staleness, fault tolerance and pair accounting.
 
 Transport only. The driver holds object refs: a rollout returns two objects, a small stats dict the
-driver reads and the `PreferenceBatch` it passes straight to the learner by ref. The learner's
-decoder weights are fetched into the object store once per version and the same ref is sent to
-every rollout actor.
+driver reads and the `PreferenceBatch` it passes straight to the learner by ref. The decoder
+weights rollouts use (the learner's, `align.policy_lag` versions back) are fetched into the object
+store once per version and the same ref is sent to every rollout actor.
 
 Failures: a rollout or reward actor that dies is restarted by Ray (`max_restarts`); its in-flight
 rollouts are counted `lost_in_flight`, and a restarted rollout actor is resent the current weights
@@ -31,7 +31,7 @@ from actors.reward import RewardActor
 from actors.rollout import RolloutActor
 from rlhf_tts.config import RunConfig
 from rlhf_tts.errors import InputError
-from rlhf_tts.training.align import AlignedModel, aligned_model_location, history_row
+from rlhf_tts.training.align import AlignedModel, aligned_model_location, history_row, time_breakdown
 
 ProgressFn = Callable[..., None]
 
@@ -160,10 +160,14 @@ def start_actors(cfg: RunConfig, resume: bool, placement: tuple[object, int] | N
     def at(i: int) -> PlacementGroupSchedulingStrategy:
         return PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=first + i)
 
+    # Ray starts workers at niceness 15 unless told otherwise (its job supervisor tells itself 0 the same way).
+    niceness = {"env_vars": {"RAY_worker_niceness": str(cfg.distributed.actor_niceness)}}
+
     def resources(i: int) -> dict:
         spec = specs[i]
         custom = {k: v for k, v in spec.items() if k not in ("CPU", "GPU")}
-        return {"num_cpus": spec.get("CPU", 0), "num_gpus": spec.get("GPU", 0), "resources": custom}
+        return {"num_cpus": spec.get("CPU", 0), "num_gpus": spec.get("GPU", 0), "resources": custom,
+                "runtime_env": niceness}
 
     d = cfg.distributed
     learner = LearnerActor.options(max_restarts=d.max_restarts, scheduling_strategy=at(0), **resources(0)).remote(
@@ -246,11 +250,11 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
         _wait_alive(actor)
     consumed = status["consumed_ids"]
     next_index = 1 + max((int(r[1:]) for r in consumed), default=-1)
-    version = status["version"]
+    version = status["rollout_version"]  # the version rollout actors run (`align.policy_lag` behind the learner)
     updates = status["updates"]
     initial_rollouts = status["ledger"]["rollouts_produced"]  # from an earlier run, when resuming
     learner_incarnation = status["incarnation"]
-    weights = actors.learner.decoder_weights.remote()  # one object, shared by every rollout actor
+    weights = actors.learner.rollout_weights.remote()  # one object, shared by every rollout actor
     for actor in actors.rollouts:
         actor.set_weights.remote(version, weights)
     in_flight: dict[ray.ObjectRef, tuple[int, int, ray.ObjectRef]] = {}  # stats ref → (actor, index, batch ref)
@@ -304,8 +308,8 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
                 ledger.sent_to_learner.append(f"r{index}")
             ledger.rolled_back += sum(1 for r in ledger.sent_to_learner if r not in restored)
             ledger.sent_to_learner = [r for r in ledger.sent_to_learner if r in restored]
-            updates, version = status["updates"], status["version"]
-            weights = actors.learner.decoder_weights.remote()
+            updates, version = status["updates"], status["rollout_version"]
+            weights = actors.learner.rollout_weights.remote()
             for actor in actors.rollouts:
                 actor.set_weights.remote(version, weights)
             continue
@@ -314,9 +318,9 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
         if stats.get("skipped"):
             report("align EASPO (Ray)", updates, cfg.align.steps, info="dropped a stale batch")
             continue
-        if int(stats["version"]) != version:
-            version = int(stats["version"])
-            weights = actors.learner.decoder_weights.remote()
+        if int(stats["rollout_version"]) != version:
+            version = int(stats["rollout_version"])
+            weights = actors.learner.rollout_weights.remote()
             for actor in actors.rollouts:
                 actor.set_weights.remote(version, weights)
         elapsed = max(time.monotonic() - started, 1e-6)
@@ -332,8 +336,10 @@ def _loop(cfg: RunConfig, actors: Actors, ledger: TransportLedger, report: Progr
             on_update(updates, actors)
     ledger.discarded_at_end = len(in_flight)
     final = _wait_alive(actors.learner, "status")
-    summary = {"updates": final["updates"], "seconds": time.monotonic() - started, "pairs_kept_seen": pairs_seen,
+    seconds = time.monotonic() - started
+    summary = {"updates": final["updates"], "seconds": seconds, "pairs_kept_seen": pairs_seen,
                "learner_rollouts_before": initial_rollouts, "history": history,
+               "time_breakdown": time_breakdown(history, seconds),
                "learner": final["ledger"], "transport": {k: v for k, v in asdict(ledger).items() if k != "sent_to_learner"}}
     summary["accounting_consistent"] = accounting_consistent(summary)
     return summary

@@ -8,10 +8,10 @@ from __future__ import annotations
 import ray
 import torch
 
-from rlhf_tts.algos.easpo import PreferenceBatch, rollout
+from rlhf_tts.algos.easpo import PreferenceBatch
 from rlhf_tts.config import RunConfig
 from rlhf_tts.rewards.base import ScoreRequest, ScoreResult
-from rlhf_tts.training.align import align_seed, load_policy, load_prompts, reward_needs_condition, rollout_generator
+from rlhf_tts.training.align import load_policy, load_prompts, timed_rollout
 
 
 @ray.remote
@@ -21,6 +21,7 @@ class RolloutActor:
         self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
         torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
         self.policy, vocab, _ = load_policy(self.cfg, self.device)
+        self.policy.requires_grad_(False)  # sampling only; weights arrive by set_weights
         self.prompts = load_prompts(self.cfg, vocab)
         self.reward = ray.get_actor(reward_actor_name)  # a name, so a restart needs nothing from the object store
         self.actor_index = actor_index
@@ -38,9 +39,7 @@ class RolloutActor:
     def run(self, index: int) -> PreferenceBatch:
         """Rollout number `index` with the current weights; the batch is tagged with their version."""
         text, _ = self.prompts.batch(index)
-        result = rollout(self.policy, text.to(self.device), self.cfg.align, self._score,
-                         rollout_generator(align_seed(self.cfg), index, self.device), self.version, f"r{index}",
-                         reward_needs_condition(self.cfg))
+        result = timed_rollout(self.policy, text, self.cfg, self._score, index, self.version, self.device)
         batch = result.batch.to("cpu")
         batch.stats["actor"] = float(self.actor_index)
         return batch

@@ -4,13 +4,15 @@
 
 1. Pairs per second of the Ray loop (one rollout actor, reward actor, learner actor) over the
    in-process loop (the same functions in one process). Target ≥ 0.8. Both are timed from the
-   first rollout to the last update (`summary["seconds"]`: models loaded, actors alive); the wall
-   time including Ray's start-up is printed beside it.
+   first rollout to the last update (`summary["seconds"]`: models loaded, actors alive), `--rounds`
+   runs each in alternating order (a shared machine's speed drifts by 20 % within minutes), pooled;
+   the wall time including Ray's start-up is printed beside it, and where each loop's time went.
 2. Reward scoring throughput of the reward actor with dynamic batching over the same actor scoring
    each request alone (`reward_max_batch=1`), for 256 one-candidate requests sent concurrently, as
-   many rollout actors would. Target ≥ 2.
+   many rollout actors would; both with the config's `distributed.reward_num_cpus`. Target ≥ 2.
 
-Needs the cached base model and EASPM of the config (`python -m rlhf_tts.run stages=[data,pretrain,easpm]`).
+Needs the cached base model and EASPM of the config: run the main job first (or
+`python -m rlhf_tts.run stages=[data,pretrain,easpm]`), or pass its `cache_dir=`.
 Each loop runs into a scratch copy of the alignment cache so nothing is reused between them.
 """
 
@@ -27,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each loop, in alternating order")
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -38,37 +41,55 @@ def main() -> None:
     from rlhf_tts.config import load_config
     from rlhf_tts.rewards.base import ScoreRequest
     from rlhf_tts.training.align import aligned_model_location, run_inprocess_alignment
+    from rlhf_tts.training.easpm import easpm_location
+    from rlhf_tts.training.pretrain import base_model_location
 
     cfg = load_config(None, [f"preset={args.preset}", f"align.steps={args.steps}", "tracking.enabled=false",
                              "distributed.num_rollout_actors=1", *args.overrides])
+    missing = [f"{name} at {where.directory}" for name, where in
+               (("base model", base_model_location(cfg)), ("EASPM", easpm_location(cfg)))
+               if not (where.final / "state.json").is_file()]
+    if missing:
+        raise SystemExit(f"no {' and no '.join(missing)}: run the main job with the same preset and overrides first "
+                         "(`python -m rlhf_tts.run`), or pass the cache_dir= it used")
     location = aligned_model_location(cfg)
 
-    shutil.rmtree(location.directory, ignore_errors=True)
-    start = time.monotonic()
-    _, local = run_inprocess_alignment(cfg)
-    local_wall = time.monotonic() - start
-    local_rate = local["pairs_produced"] / local["seconds"]
-
-    shutil.rmtree(location.directory, ignore_errors=True)
     connect(cfg)  # a local instance sized for the config's actors, as the main job starts it
     try:
-        start = time.monotonic()
-        _, remote = run_ray_alignment(cfg)
-        ray_wall = time.monotonic() - start
-        ray_pairs = remote["learner"]["pairs_produced"]
-        ray_rate = ray_pairs / remote["seconds"]
-        # Consumed: pairs the learner trained on (the Ray loop also delivers pairs it drops as stale).
-        ray_consumed = remote["learner"]["pairs_consumed"] / remote["seconds"]
-        local_consumed = local["pairs_consumed"] / local["seconds"]
-        print(f"in-process: {local['pairs_produced']} pairs in {local['seconds']:.1f} s = {local_rate:.2f} pairs/s "
-              f"({local_wall:.1f} s with model loading)")
-        print(f"Ray loop:   {ray_pairs} pairs in {remote['seconds']:.1f} s = {ray_rate:.2f} pairs/s, "
-              f"{remote['learner']['pairs_consumed']} trained on, {remote['learner']['pairs_dropped_stale']} dropped "
-              f"as stale ({ray_wall:.1f} s with Ray and actor start-up; reward batching "
-              f"{remote['reward_batching']['mean_batch']:.1f} candidates/call)")
-        print(f"RATIO Ray / in-process pairs/s: {ray_rate / local_rate:.2f} (target >= 0.8)")
-        print(f"ratio of pairs trained on per second: {ray_consumed / local_consumed:.2f}")
-        print(f"ratio with start-up: {(ray_pairs / ray_wall) / (local['pairs_produced'] / local_wall):.2f}")
+        runs: dict[str, list[tuple[dict, float]]] = {"in-process": [], "Ray loop": []}
+
+        def timed(label: str) -> None:
+            shutil.rmtree(location.directory, ignore_errors=True)  # nothing reused between runs
+            start = time.monotonic()
+            _, summary = (run_inprocess_alignment if label == "in-process" else run_ray_alignment)(cfg)
+            runs[label].append((summary, time.monotonic() - start))
+
+        # Alternating order (AB, BA, AB, …): a machine whose speed drifts during the run slows both alike.
+        for round_ in range(args.rounds):
+            for label in (("in-process", "Ray loop") if round_ % 2 == 0 else ("Ray loop", "in-process")):
+                timed(label)
+
+        def pairs(summary: dict, key: str) -> int:
+            return summary["learner"][key] if "learner" in summary else summary[key]
+
+        rate, with_start_up = {}, {}
+        for label, done in runs.items():
+            produced = sum(pairs(summary, "pairs_produced") for summary, _ in done)
+            seconds = sum(summary["seconds"] for summary, _ in done)
+            wall = sum(w for _, w in done)
+            rate[label], with_start_up[label] = produced / seconds, produced / wall
+            per_run = ", ".join(f"{pairs(summary, 'pairs_produced') / summary['seconds']:.2f}" for summary, _ in done)
+            print(f"{label:10s}: {produced} pairs in {seconds:.1f} s over {len(done)} runs = {rate[label]:.2f} pairs/s "
+                  f"(per run {per_run}; "
+                  f"{wall:.1f} s with model loading{', Ray and actor start-up' if label == 'Ray loop' else ''}); "
+                  f"{sum(pairs(s, 'pairs_consumed') for s, _ in done)} trained on, "
+                  f"{sum(pairs(s, 'pairs_dropped_stale') for s, _ in done)} dropped as stale")
+            parts = {k: sum(s["time_breakdown"][k] for s, _ in done) for k in done[0][0]["time_breakdown"]}
+            print(f"{'':10s}  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+        remote = runs["Ray loop"][-1][0]
+        print(f"reward batching in the Ray loop: {remote['reward_batching']['mean_batch']:.1f} candidates/call")
+        print(f"RATIO Ray / in-process pairs/s: {rate['Ray loop'] / rate['in-process']:.2f} (target >= 0.8)")
+        print(f"ratio with start-up: {with_start_up['Ray loop'] / with_start_up['in-process']:.2f}")
 
         g = torch.Generator().manual_seed(0)
         frames = 128
@@ -79,7 +100,7 @@ def main() -> None:
         rates = {}
         for label, max_batch in (("unbatched", 1), ("batched", cfg.distributed.reward_max_batch)):
             actor_cfg = dict(cfg_json, distributed=dict(cfg_json["distributed"], reward_max_batch=max_batch))
-            actor = RewardActor.options(num_cpus=1, max_concurrency=1000).remote(actor_cfg)
+            actor = RewardActor.options(num_cpus=cfg.distributed.reward_num_cpus, max_concurrency=1000).remote(actor_cfg)
             ray.get(actor.ping.remote())
             ray.get([actor.score.remote(r) for r in requests[:8]])  # warm-up
             refs = [ray.put(r) for r in requests]

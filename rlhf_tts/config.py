@@ -403,6 +403,9 @@ class AlignConfig(_Strict):
     weight_decay: float = Field(1e-4, ge=0.0)
     grad_clip: float = Field(1.0, gt=0.0)
     sync_every: int = Field(1, ge=1, description="learner steps between weight broadcasts (M)")
+    policy_lag: int = Field(0, ge=0, description="rollouts use the weights this many versions before the "
+                            "learner's, in both loops (not the paper's; 1 in the tiny preset: the schedule its "
+                            "results were measured with, one rollout overlapping each update)")
     checkpoint_every: int = Field(20, ge=1)
     log_every: int = Field(5, ge=1)
     split: Literal["train", "val", "test"] = Field("train", description="where rollout prompts come from")
@@ -469,6 +472,10 @@ class DistributedConfig(_Strict):
         600.0, gt=0.0, description="how long to wait for the actors' placement group on a cluster (an autoscaling "
         "cluster adds nodes meanwhile); a local instance that cannot hold it fails at once")
     local_num_cpus: int | None = Field(None, ge=1, description="CPUs of a local Ray instance (None: all)")
+    actor_niceness: int = Field(
+        0, ge=0, le=19, description="niceness of the actors' processes; Ray's default for its workers is 15, which "
+        "lets the driver's and Ray's own threads preempt the rollout actor's torch threads: with it the Ray loop ran "
+        "at 0.73 of the in-process loop's pairs/s on 2 cores, 0.82 with 0 (bench/align_overhead.py)")
     mode: Literal["ray", "local"] = Field("ray", description="local: the in-process loop, same functions, no Ray")
 
 
@@ -586,6 +593,10 @@ class RunConfig(_Strict):
         if self.pretrain.warmup_steps >= self.pretrain.steps:
             raise ValueError(f"pretrain.warmup_steps: {self.pretrain.warmup_steps} must be below pretrain.steps "
                              f"({self.pretrain.steps})")
+        if self.align.policy_lag > self.distributed.max_staleness:
+            raise ValueError(f"align.policy_lag: {self.align.policy_lag} versions behind is past "
+                             f"distributed.max_staleness ({self.distributed.max_staleness}): every batch would be "
+                             "dropped as stale")
         return self
 
 
@@ -611,8 +622,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     # Tiny EASPM scores k candidates of one state within ~0.1 of each other (softmax margin ~0.05):
     # SPO's 0.3 keeps ~1 % of pairs, 0.05 keeps ~15 %. Crops keep a learner step under a second.
-    # The sampler is ~90 % of an EASPO step (bench/align_overhead.py), so the rollout actor gets two
-    # CPUs (torch threads); learner and reward actors work beside it between its score calls.
+    # Sampling is ~75 % of an EASPO step, scoring ~15 %, the update ~10 % (bench/align_overhead.py).
     # Rollouts take the 10 ODE-grid steps the evaluation samples with (the paper: 20 for both), so the
     # policy is trained on the transitions it is judged by; half the sampling of 20 steps.
     # Reward log_softmax (not the paper's raw score): on the test split at 10 steps it raised Emo SIM /
@@ -633,15 +643,22 @@ PRESETS: dict[str, dict[str, Any]] = {
     # otherwise drags some seeds' level, or spectral tilt, off the recordings'; one shared level for the whole
     # window was not enough on two more base models; on a third neither gains: docs/findings.md, *Per-band
     # level*), and the ascent's lr 1e-4.
-    "tiny": {"align": {"threshold": 0.05, "learner_crop_frames": 64, "sampler_steps": 10, "reward": "log_softmax",
+    "tiny": {"align": {"policy_lag": 1, "threshold": 0.05, "learner_crop_frames": 64, "sampler_steps": 10, "reward": "log_softmax",
                        "objective": "pool_matched", "k": 32, "candidate_window": True, "candidate_level": "band",
                        "t_range": [0.0, 0.3], "lr": 1e-4},
              "easpm": {"gain_augment": 1.0},
              # A second pretraining attempt when the first one's alignment did not lock in (2 runs in 6 did not).
              "pretrain": {"data_parallel": 2, "lock_in_retries": 1},
              "judges": {"check_max_utts": 125},
-             # Two reward CPUs: a rollout now waits on 3 x 128-candidate scorings (its two CPUs idle meanwhile).
-             "distributed": {"rollout_num_cpus": 2.0, "reward_num_cpus": 2.0},
+             # Two CPUs each (torch threads) and one rollout in flight: rollout, scoring and update run one after
+             # another, each on both cores of a 2-core machine. Overlapping the learner's update with the next
+             # rollout (max_in_flight 2) put three threads on two cores and slowed both: the Ray loop ran at
+             # 0.68-0.78 of the in-process loop's pairs/s; one after another, with distributed.actor_niceness 0,
+             # 0.79 over three alternating runs of each (bench/align_overhead.py, README).
+             # The overlap's one-version lag stays (align.policy_lag=1): every tiny result was measured with it,
+             # and without it the nine (base, alignment) seed cells' mean Emo SIM gain fell from +1.2 to -1.9 (README).
+             "distributed": {"rollout_num_cpus": 2.0, "reward_num_cpus": 2.0, "learner_num_cpus": 2.0,
+                             "max_in_flight": 1},
              "evaluate": {"include_recordings": False}},
     # Published sizes: ESD English has 10 speakers x 350 sentences x 5 emotions; Grad-TTS's encoder
     # has 192 channels and 6 layers, its decoder base width 64 with multipliers (1, 2, 4).

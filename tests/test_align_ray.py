@@ -6,6 +6,7 @@ base model and EASPM are built once in a module-scoped cache.
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import pytest
@@ -64,6 +65,72 @@ def test_ray_loop_with_one_rollout_actor_reproduces_the_in_process_pairs(prepare
     for name, value in ray_core.learner.policy.decoder.state_dict().items():
         assert torch.equal(value, local_weights[name]), name
     assert remote["accounting_consistent"] and remote["transport"]["lost_in_flight"] == 0
+    # where each loop's time went: every update's rollout, its wait for scores and the update are timed
+    for summary in (local, remote):
+        rows = summary["history"]
+        assert len(rows) == 3 and all(r["rollout_seconds"] > r["score_seconds"] > 0 and r["update_seconds"] > 0
+                                      for r in rows)
+        parts = summary["time_breakdown"]
+        assert parts["scoring"] == pytest.approx(sum(r["score_seconds"] for r in rows), abs=0.01)
+        assert parts["sampling"] + parts["scoring"] + parts["update"] + parts["other"] == pytest.approx(
+            summary["seconds"], abs=0.03)
+    # in-process the three run one after another and fill the loop's time
+    assert 0 <= local["time_breakdown"]["other"] < 0.2 * local["seconds"]
+
+
+def test_one_version_of_lag_in_either_loop_trains_on_the_pairs_of_two_rollouts_in_flight(prepared):
+    """`align.policy_lag=1` with one rollout in flight (the tiny preset's schedule) reproduces the pairs and
+    weights of two rollouts in flight without lag, in-process and on Ray, and a lagged in-process run
+    stopped after two updates resumes to them exactly: one cache key for all of them is right. Without
+    lag the pairs differ from the second rollout on."""
+    from actors.orchestrator import run_ray_alignment
+    from rlhf_tts.training.align import LearnerCore, aligned_model_location, run_inprocess_alignment
+
+    four = ("align.steps=4",)
+    overlapped = _cfg(prepared, *four, "distributed.max_in_flight=2")
+    lagged = _cfg(prepared, *four, "align.policy_lag=1")
+    location = aligned_model_location(overlapped)
+    assert aligned_model_location(lagged) == location
+
+    def trained() -> tuple[dict, dict]:
+        core = LearnerCore(overlapped, location, resume=True)
+        return (dict(core.ledger.pair_digests),
+                {k: v.clone() for k, v in core.learner.policy.decoder.state_dict().items()})
+
+    runs = {}
+    shutil.rmtree(location.directory, ignore_errors=True)
+    niceness = []
+    _, summary = run_ray_alignment(overlapped, on_update=lambda updates, actors: niceness.append(
+        os.getpriority(os.PRIO_PROCESS, ray.get(actors.learner.pid.remote()))))
+    assert set(niceness) == {overlapped.distributed.actor_niceness} == {0}  # not Ray's default 15
+    assert [r["staleness"] for r in summary["history"]] == [0.0, 1.0, 1.0, 1.0]
+    runs["Ray, two in flight"] = trained()
+    shutil.rmtree(location.directory)
+    _, summary = run_ray_alignment(lagged)
+    assert [r["staleness"] for r in summary["history"]] == [0.0, 1.0, 1.0, 1.0]
+    runs["Ray, one in flight, lag 1"] = trained()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors run single-threaded; float sums must be ordered the same
+    try:
+        shutil.rmtree(location.directory)
+        run_inprocess_alignment(lagged)
+        runs["in-process, lag 1"] = trained()
+        shutil.rmtree(location.directory)
+        run_inprocess_alignment(lagged, stop_after=2)  # checkpoint_every=1: killed after update 2
+        run_inprocess_alignment(lagged, resume=True)
+        runs["in-process, lag 1, resumed"] = trained()
+        unlagged = _cfg(prepared, *four)
+        shutil.rmtree(aligned_model_location(unlagged).directory, ignore_errors=True)
+        run_inprocess_alignment(unlagged)
+        no_lag = dict(LearnerCore(unlagged, aligned_model_location(unlagged), resume=True).ledger.pair_digests)
+    finally:
+        torch.set_num_threads(threads)
+    digests, weights = runs.pop("Ray, two in flight")
+    assert len(digests) == 4
+    for name, (other_digests, other_weights) in runs.items():
+        assert other_digests == digests, name
+        assert all(torch.equal(other_weights[k], v) for k, v in weights.items()), name
+    assert no_lag["r0"] == digests["r0"] and no_lag["r1"] != digests["r1"]
 
 
 def test_killing_rollout_reward_and_learner_actors_mid_run(prepared):

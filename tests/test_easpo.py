@@ -36,6 +36,32 @@ def test_align_cache_key_follows_the_resolved_alignment_seed(tmp_path):
     assert key() == key("align.level_target=0") == key("align.level_anchor=0") != key("align.level_target=0.1")
 
 
+def test_align_cache_key_separates_rollout_schedules_that_train_on_different_pairs(tmp_path):
+    """With one rollout actor the pairs depend on how many versions behind the rollouts' weights are, whichever
+    loop runs them (test_align_ray checks it): one rollout in flight with `policy_lag=1` trains on the pairs of
+    two in flight, the schedule every aligned model was cached with before the key had it."""
+    from rlhf_tts.training.align import align_key
+
+    def key(*overrides: str) -> str:
+        return align_key(load_config(None, ["preset=smoke", f"cache_dir={tmp_path}", *overrides]))
+
+    one = ("distributed.num_rollout_actors=1", "distributed.max_in_flight=1")
+    two = ("distributed.num_rollout_actors=1", "distributed.max_in_flight=2")
+    assert key("distributed.mode=local") == key(*one) == key(*one, "distributed.max_staleness=0")
+    assert key("distributed.mode=local", "align.policy_lag=1") == key(*one, "align.policy_lag=1") == key(*two)
+    assert key(*two) == key(*two, "distributed.max_staleness=1") != key(*two, "distributed.max_staleness=0")
+    assert key(*two, "align.policy_lag=1") == key("distributed.max_in_flight=3")  # both two versions behind
+    assert len({key(*one), key(*two), key(*two, "align.policy_lag=1"), key("distributed.num_rollout_actors=2")}) == 4
+    # the in-process loop ignores the Ray loop's actors
+    assert key("distributed.mode=local") == key("distributed.mode=local", "distributed.num_rollout_actors=4")
+
+
+def test_policy_lag_past_the_staleness_bound_is_refused():
+    with pytest.raises(ValueError, match="max_staleness"):
+        load_config(None, ["preset=smoke", "align.policy_lag=3", "distributed.max_staleness=2"])
+
+
+
 def test_balanced_prompts_give_every_emotion_one_trajectory_per_deck():
     import collections
 

@@ -182,7 +182,8 @@ def test_trial_placement_group_is_sized_from_the_trial_config(tmp_path):
     space = load_space(path, ["distributed.placement_strategy=SPREAD",
                               "distributed.rollout_resources={rollout_node: 1}",
                               "distributed.learner_num_gpus=1", "distributed.rollout_num_gpus=0.25",
-                              "distributed.rollout_num_cpus=1.5", "distributed.reward_num_cpus=1"])
+                              "distributed.rollout_num_cpus=1.5", "distributed.reward_num_cpus=1",
+                              "distributed.learner_num_cpus=1"])
     factory = trial_resources(space, gpus=True)({"distributed.num_rollout_actors": 3})
     assert factory.strategy == "SPREAD"
     trial, learner, reward, *rollouts = factory.bundles

@@ -8,6 +8,7 @@ checkpoints; the orchestrator keeps the transport side (lost in flight, dropped 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -134,10 +135,31 @@ class AlignedModel:
         return BaseModel(self.directory)
 
 
+# The schedule of every aligned model cached before the schedule entered the key: one rollout actor with
+# two rollouts in flight, so each rollout one version behind the learner.
+_UNKEYED_SCHEDULE = {"lag": 1}
+
+
+def rollout_schedule(cfg: RunConfig) -> dict[str, int]:
+    """What of the loop decides which pairs the learner trains on: how many versions behind the learner the
+    rollouts' weights are. With one rollout actor that is `align.policy_lag`, plus one per further rollout in
+    flight (a queued rollout was dispatched before the update whose weights it would get; with
+    `sync_every=1`), whichever loop runs it: one rollout in flight with `policy_lag=1` trains on the pairs of
+    two in flight without it. More actors finish in a varying order: their schedule is their counts."""
+    d, lag = cfg.distributed, cfg.align.policy_lag
+    if d.mode == "local":
+        return {"lag": lag}
+    if d.num_rollout_actors == 1 and (d.max_in_flight == 1 or cfg.align.sync_every == 1):
+        schedule = {"lag": lag + d.max_in_flight - 1}
+        return schedule if schedule["lag"] <= d.max_staleness else schedule | {"max_staleness": d.max_staleness}
+    return {"lag": lag, "rollout_actors": d.num_rollout_actors, "in_flight": d.max_in_flight,
+            "max_staleness": d.max_staleness}
+
+
 def align_key(cfg: RunConfig) -> str:
     from rlhf_tts.training.easpm import easpm_location
 
-    exclude = {"checkpoint_every", "log_every", "device"}
+    exclude = {"checkpoint_every", "log_every", "device", "policy_lag"}  # the lag is in the schedule
     if cfg.align.prompt_emotions == "iid":
         exclude.add("prompt_emotions")  # the key of the versions before the option
     if cfg.align.candidate_window_frames is None:
@@ -149,6 +171,8 @@ def align_key(cfg: RunConfig) -> str:
     if not cfg.align.level_target:
         exclude.add("level_target")  # likewise
     settings = {**cfg.align.model_dump(exclude=exclude), "seed": align_seed(cfg)}  # unset == the run's seed
+    if (schedule := rollout_schedule(cfg)) != _UNKEYED_SCHEDULE:
+        settings["schedule"] = schedule
     return stable_hash(base_model_location(cfg).directory.name, easpm_location(cfg).directory.name,
                        settings, cfg.seed, ALIGN_VERSION)
 
@@ -185,6 +209,28 @@ def load_prompts(cfg: RunConfig, vocab: Vocabulary) -> PromptSampler:
     return PromptSampler(rows, vocab, cfg.align.prompts_per_rollout, align_seed(cfg), cfg.align.prompt_emotions)
 
 
+def timed_rollout(policy: GradTTS, text: TextBatch, cfg: RunConfig, score: Callable, index: int,
+                  version: int, device: torch.device | str):  # noqa: ANN201 - a RolloutResult
+    """Rollout number `index` (`rlhf_tts.algos.easpo.rollout`), as both loops run it, with its wall seconds
+    and the part of them spent waiting for scores in the batch's stats (`rollout_seconds`, `score_seconds`):
+    the figures that say where a loop's time goes (bench/align_overhead.py prints them side by side)."""
+    waited = 0.0
+
+    def timed_score(request):  # noqa: ANN001, ANN202
+        nonlocal waited
+        start = time.perf_counter()
+        try:
+            return score(request)
+        finally:
+            waited += time.perf_counter() - start
+
+    start = time.perf_counter()
+    result = rollout(policy, text.to(device), cfg.align, timed_score, rollout_generator(align_seed(cfg), index, device),
+                     version, f"r{index}", reward_needs_condition(cfg))
+    result.batch.stats.update(rollout_seconds=time.perf_counter() - start, score_seconds=waited)
+    return result
+
+
 def batch_digest(batch: PreferenceBatch) -> str:
     """SHA-1 of a batch's pairs (states, candidates, scores, times): equal digests = identical pairs."""
     import hashlib
@@ -207,17 +253,24 @@ class LearnerCore:
         self.learner = EASPOLearner(policy, cfg.align)
         self.ledger = PairLedger()
         self._consumed = set()
+        # The decoder at each of the last `policy_lag` + 1 versions: rollouts use the oldest (`rollout_state`).
+        self._published: dict[int, dict[str, torch.Tensor]] = {}
         latest = latest_checkpoint(directory.checkpoints) if resume else None
         if latest is not None:
             checkpoint = load_checkpoint(latest)
-            restore(checkpoint, self.learner.policy.decoder, self.learner.optimizer)
+            extra = restore(checkpoint, self.learner.policy.decoder, self.learner.optimizer)
             state = checkpoint.state
             self.learner.version, self.learner.updates = state["version"], state["updates"]
             self.learner.pairs_trained = state["pairs_trained"]
             self.ledger = PairLedger.from_json(state["ledger"])
             self._consumed = set(self.ledger.consumed_ids)
+            for version in state.get("published_versions", []):
+                prefix = f"published/{version}/"
+                self._published[int(version)] = {k.removeprefix(prefix): v for k, v in extra.items()
+                                                 if k.startswith(prefix)}
         elif not resume and directory.checkpoints.exists():
             shutil.rmtree(directory.checkpoints)
+        self._publish()
 
     @property
     def updates(self) -> int:
@@ -226,6 +279,23 @@ class LearnerCore:
     @property
     def version(self) -> int:
         return self.learner.version
+
+    @property
+    def rollout_version(self) -> int:
+        """The version rollouts use: `align.policy_lag` before the learner's (fewer at the start)."""
+        return min(self._published) if self._published else self.version
+
+    def rollout_state(self) -> dict[str, torch.Tensor]:
+        """The decoder weights of `rollout_version`, for the rollout policy (the learner's own when no lag)."""
+        return self._published.get(self.rollout_version) or self.decoder_state()
+
+    def _publish(self) -> None:
+        if not self.cfg.align.policy_lag:
+            return
+        if self.version not in self._published:
+            self._published[self.version] = self.decoder_state()
+        for version in [v for v in self._published if v < self.version - self.cfg.align.policy_lag]:
+            del self._published[version]
 
     def update(self, batch: PreferenceBatch) -> dict[str, float]:
         """Train on one rollout's pairs unless stale or already consumed; checkpoint on schedule."""
@@ -240,14 +310,18 @@ class LearnerCore:
             self._consumed.add(batch.rollout_id)
             self.ledger.consumed_ids.append(batch.rollout_id)
             return {"skipped": 1.0, "stale": 1.0, "staleness": float(staleness)}
+        start = time.perf_counter()
         stats = self.learner.update(batch, torch.Generator().manual_seed(stable_int(align_seed(self.cfg), "crop", batch.rollout_id)))
+        stats["update_seconds"] = time.perf_counter() - start
         self.ledger.pair_digests[batch.rollout_id] = batch_digest(batch)
         self.ledger.pairs_consumed += len(batch)
         self._consumed.add(batch.rollout_id)
         self.ledger.consumed_ids.append(batch.rollout_id)
         stats.update({k: float(v) for k, v in batch.stats.items()})
+        self._publish()
         stats["staleness"] = float(staleness)
         stats["version"] = float(self.version)
+        stats["rollout_version"] = float(self.rollout_version)
         stats["updates"] = float(self.updates)
         if self.updates % self.cfg.align.checkpoint_every == 0 or self.updates >= self.cfg.align.steps:
             self.checkpoint()
@@ -255,9 +329,10 @@ class LearnerCore:
 
     def checkpoint(self) -> Path:
         state = {"version": self.version, "updates": self.updates, "pairs_trained": self.learner.pairs_trained,
-                 "ledger": self.ledger.to_json()}
+                 "ledger": self.ledger.to_json(), "published_versions": sorted(self._published)}
+        published = {f"published/{v}/{k}": t for v, weights in self._published.items() for k, t in weights.items()}
         return save_checkpoint(self.location.checkpoints, self.updates, self.learner.policy.decoder,
-                               self.learner.optimizer, {}, state)
+                               self.learner.optimizer, published, state)
 
     def publish(self) -> AlignedModel:
         """Write the whole aligned policy as `final/` (atomic rename), in the base model's layout."""
@@ -285,8 +360,20 @@ class LearnerCore:
 def history_row(stats: dict[str, float], pairs_per_s: float) -> dict[str, float]:
     """The per-update figures both loops keep for the training-curve plot."""
     keys = ("updates", "pairs", "loss", "reward_margin", "kept_fraction", "log_ratio_margin", "implicit_accuracy",
-            "win_score", "staleness", "band_kl", "level_gap")
+            "win_score", "staleness", "band_kl", "level_gap", "rollout_seconds", "score_seconds", "update_seconds")
     return {k: float(stats[k]) for k in keys if k in stats} | {"pairs_per_s": float(pairs_per_s)}
+
+
+def time_breakdown(history: list[dict[str, float]], seconds: float) -> dict[str, float]:
+    """Where a loop's wall `seconds` went, summed over the updates in `history`: sampling (rollout minus
+    scoring), scoring as the rollout waited for it (the reward model, plus transport on Ray), learner
+    updates. In-process they run one after another and `other` is the loop's remainder; on Ray the
+    learner's updates overlap the next rollout, so the parts can add up to more than the wall time."""
+    total = {k: sum(r.get(k, 0.0) for r in history) for k in ("rollout_seconds", "score_seconds", "update_seconds")}
+    parts = {"sampling": total["rollout_seconds"] - total["score_seconds"], "scoring": total["score_seconds"],
+             "update": total["update_seconds"]}
+    return {k: round(v, 2) for k, v in parts.items()} | {"wall": round(seconds, 2),
+                                                          "other": round(seconds - sum(parts.values()), 2)}
 
 
 def fresh_pair_accuracy(history: list[dict[str, float]]) -> dict[str, float] | None:
@@ -312,7 +399,8 @@ def run_inprocess_alignment(
 ) -> tuple[AlignedModel, dict]:
     """EASPO without Ray: rollout r, then one learner update, for r = 0, 1, … until `align.steps`.
 
-    The rollout policy is the learner's own policy, so weights are always current (staleness 0).
+    Rollouts use the learner's version `align.policy_lag` before its current one (every `sync_every`
+    updates a version), as the Ray loop's rollout actors do; with no lag, the learner's own policy.
     """
     report = progress or (lambda *a, **k: None)
     location = aligned_model_location(cfg)
@@ -323,13 +411,18 @@ def run_inprocess_alignment(
     reward = load_reward(cfg, device)
     prompts = load_prompts(cfg, core.vocab)
     index = core.ledger.rollouts_produced  # in-process, rollout r is produced once, in order
+    # The learner's own policy rolls out when it is the version rollouts use; otherwise a copy holds that version.
+    lagged = cfg.align.policy_lag > 0 or cfg.align.sync_every > 1
+    rollout_policy = copy.deepcopy(core.learner.policy).requires_grad_(False) if lagged else core.learner.policy
+    rollout_version = None
     started = time.monotonic()
     history: list[dict[str, float]] = []
     while core.updates < cfg.align.steps and (stop_after is None or core.updates < stop_after):
         text, _ = prompts.batch(index)
-        result = rollout(core.learner.policy, text.to(device), cfg.align, reward.score,
-                         rollout_generator(align_seed(cfg), index, device), core.version, f"r{index}",
-                         reward_needs_condition(cfg))
+        if lagged and rollout_version != core.rollout_version:
+            rollout_version = core.rollout_version
+            rollout_policy.decoder.load_state_dict(core.rollout_state())
+        result = timed_rollout(rollout_policy, text, cfg, reward.score, index, core.rollout_version, device)
         if on_pairs is not None:
             on_pairs(index, result.batch)
         stats = core.update(result.batch)
@@ -341,7 +434,9 @@ def run_inprocess_alignment(
                                 {"align/pairs_per_s": core.ledger.pairs_produced / elapsed}, step=core.updates)
         report("align EASPO (in-process)", core.updates, cfg.align.steps,
                info=f"loss {stats.get('loss', float('nan')):.4f} kept {stats.get('kept_fraction', 0):.2f}")
-    summary = {"updates": core.updates, "seconds": time.monotonic() - started, "history": history,
+    seconds = time.monotonic() - started
+    summary = {"updates": core.updates, "seconds": seconds, "history": history,
+               "time_breakdown": time_breakdown(history, seconds),
                **{k: v for k, v in core.ledger.to_json().items() if k != "consumed_ids"}}
     if core.updates >= cfg.align.steps:
         core.publish()
