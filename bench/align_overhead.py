@@ -13,7 +13,8 @@
 
 Needs the cached base model and EASPM of the config: run the main job first (or
 `python -m rlhf_tts.run stages=[data,pretrain,easpm]`), or pass its `cache_dir=`.
-Each loop runs into a scratch copy of the alignment cache so nothing is reused between them.
+Each run first deletes the aligned model of the config's cache key (12 updates by default: not the
+main job's 40), so nothing is reused between runs.
 """
 
 from __future__ import annotations

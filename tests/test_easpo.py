@@ -61,7 +61,6 @@ def test_policy_lag_past_the_staleness_bound_is_refused():
         load_config(None, ["preset=smoke", "align.policy_lag=3", "distributed.max_staleness=2"])
 
 
-
 def test_balanced_prompts_give_every_emotion_one_trajectory_per_deck():
     import collections
 

@@ -330,6 +330,7 @@ class LearnerCore:
     def checkpoint(self) -> Path:
         state = {"version": self.version, "updates": self.updates, "pairs_trained": self.learner.pairs_trained,
                  "ledger": self.ledger.to_json(), "published_versions": sorted(self._published)}
+        # the lagged versions ride in the checkpoint's extra tensors (beside RNG states), so a resume is exact
         published = {f"published/{v}/{k}": t for v, weights in self._published.items() for k, t in weights.items()}
         return save_checkpoint(self.location.checkpoints, self.updates, self.learner.policy.decoder,
                                self.learner.optimizer, published, state)
