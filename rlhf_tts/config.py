@@ -475,7 +475,7 @@ class DistributedConfig(_Strict):
     actor_niceness: int = Field(
         0, ge=0, le=19, description="niceness of the actors' processes; Ray's default for its workers is 15, which "
         "lets the driver's and Ray's own threads preempt the rollout actor's torch threads: with it the Ray loop ran "
-        "at 0.73 of the in-process loop's pairs/s on 2 cores, 0.82 with 0 (bench/align_overhead.py)")
+        "at 0.73 of the in-process loop's pairs/s on 2 cores, 0.79-0.82 with 0 (bench/align_overhead.py)")
     mode: Literal["ray", "local"] = Field("ray", description="local: the in-process loop, same functions, no Ray")
 
 
