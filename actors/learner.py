@@ -11,6 +11,7 @@ import warnings
 import ray
 import torch
 
+from actors.wire import PackedPreferenceBatch, unpack_batch
 from rlhf_tts.algos.easpo import PreferenceBatch
 from rlhf_tts.config import RunConfig
 from rlhf_tts.training.align import LearnerCore, aligned_model_location
@@ -31,8 +32,8 @@ class LearnerActor:
         # answer names its incarnation: the driver sees a restart even when no call failed.
         self.incarnation = uuid.uuid4().hex
 
-    def update(self, batch: PreferenceBatch) -> tuple[str, dict[str, float]]:
-        return self.incarnation, self.core.update(batch)
+    def update(self, batch: PreferenceBatch | PackedPreferenceBatch) -> tuple[str, dict[str, float]]:
+        return self.incarnation, self.core.update(unpack_batch(batch))
 
     def status(self) -> dict:
         return {"incarnation": self.incarnation, "updates": self.core.updates, "version": self.core.version,

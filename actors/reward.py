@@ -16,6 +16,7 @@ from collections import Counter
 import ray
 import torch
 
+from actors.wire import PackedScoreRequest, unpack_request
 from rlhf_tts.config import RunConfig
 from rlhf_tts.rewards.base import ScoreRequest, ScoreResult, concat_requests, split_result
 
@@ -33,7 +34,7 @@ class RewardService:
         self.busy_seconds = 0.0
         self._worker: asyncio.Task | None = None
 
-    async def score(self, request: ScoreRequest) -> ScoreResult:
+    async def score(self, request: ScoreRequest | PackedScoreRequest) -> ScoreResult:
         if self.queue is None:
             self.queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._serve())
@@ -61,10 +62,9 @@ class RewardService:
             await self._run(waiting)
 
     async def _run(self, waiting: list) -> None:  # noqa: ANN001
-        merged, sizes = concat_requests([request for request, _ in waiting])
         started = time.monotonic()
         try:
-            result = await asyncio.to_thread(self._score_on_device, merged)
+            merged, sizes, result = await asyncio.to_thread(self._merge_and_score, [request for request, _ in waiting])
         except Exception as err:  # noqa: BLE001 - every waiting caller must hear about it
             for _, future in waiting:
                 if not future.done():
@@ -77,6 +77,11 @@ class RewardService:
         for (_, future), part in zip(waiting, split_result(result, sizes)):
             if not future.done():
                 future.set_result(part)
+
+    def _merge_and_score(self, requests: list) -> tuple[ScoreRequest, list[int], ScoreResult]:  # noqa: ANN001
+        """Unpacked (`actors/wire.py`) and concatenated in the worker thread: the event loop keeps queueing."""
+        merged, sizes = concat_requests([unpack_request(r) for r in requests])
+        return merged, sizes, self._score_on_device(merged)
 
     @torch.no_grad()
     def _score_on_device(self, request: ScoreRequest) -> ScoreResult:
@@ -103,7 +108,7 @@ class RewardActor:
         self.service = RewardService(load_reward(cfg, device), cfg.distributed.reward_max_batch,
                                      cfg.distributed.reward_max_wait_ms, device)
 
-    async def score(self, request: ScoreRequest) -> ScoreResult:
+    async def score(self, request: ScoreRequest | PackedScoreRequest) -> ScoreResult:
         return await self.service.score(request)
 
     async def stats(self) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ray
 import torch
 
+from actors.wire import PackedPreferenceBatch, pack_batch, pack_request
 from rlhf_tts.algos.easpo import PreferenceBatch
 from rlhf_tts.config import RunConfig
 from rlhf_tts.rewards.base import ScoreRequest, ScoreResult
@@ -34,7 +35,7 @@ class RolloutActor:
         return version
 
     def _score(self, request: ScoreRequest) -> ScoreResult:
-        return ray.get(self.reward.score.remote(request.to("cpu")))
+        return ray.get(self.reward.score.remote(pack_request(request.to("cpu"))))
 
     def run(self, index: int) -> PreferenceBatch:
         """Rollout number `index` with the current weights; the batch is tagged with their version."""
@@ -45,10 +46,10 @@ class RolloutActor:
         return batch
 
     @ray.method(num_returns=2)
-    def run_with_stats(self, index: int) -> tuple[dict, PreferenceBatch]:
-        """(small stats the driver reads, the batch it only forwards by ref)."""
+    def run_with_stats(self, index: int) -> tuple[dict, PreferenceBatch | PackedPreferenceBatch]:
+        """(small stats the driver reads, the batch it only forwards by ref, packed for the wire)."""
         batch = self.run(index)
-        return dict(batch.stats, version=batch.version, pairs=len(batch)), batch
+        return dict(batch.stats, version=batch.version, pairs=len(batch)), pack_batch(batch)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

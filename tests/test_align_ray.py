@@ -40,19 +40,28 @@ def _cfg(tmp, *extra):
     return smoke_config(tmp, *ALIGN, *extra)
 
 
-def test_ray_loop_with_one_rollout_actor_reproduces_the_in_process_pairs(prepared):
+# Windowed pools travel packed (actors/wire.py): the pairs must still be the in-process loop's, bit for bit.
+WINDOWED = ("align.objective=pool_matched", "align.candidate_window=true", "align.learner_crop_frames=8")
+
+
+@pytest.mark.parametrize("extra", [(), WINDOWED], ids=["whole", "windowed-packed"])
+def test_ray_loop_with_one_rollout_actor_reproduces_the_in_process_pairs(prepared, extra):
     from actors.orchestrator import run_ray_alignment
+    from actors.wire import PackedPreferenceBatch, pack_batch
     from rlhf_tts.training.align import LearnerCore, aligned_model_location, run_inprocess_alignment
 
-    cfg = _cfg(prepared)
+    cfg = _cfg(prepared, *extra)
     location = aligned_model_location(cfg)
     shutil.rmtree(location.directory, ignore_errors=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the actors run single-threaded; float sums must be ordered the same
+    packs = []
     try:
-        _, local = run_inprocess_alignment(cfg)
+        _, local = run_inprocess_alignment(cfg, on_pairs=lambda _, batch: packs.append(
+            isinstance(pack_batch(batch), PackedPreferenceBatch)))
     finally:
         torch.set_num_threads(threads)
+    assert packs == [bool(extra)] * 3  # the windowed run's batches do travel packed
     local_core = LearnerCore(cfg, location, resume=True)
     local_digests = dict(local_core.ledger.pair_digests)
     local_weights = {k: v.clone() for k, v in local_core.learner.policy.decoder.state_dict().items()}

@@ -29,7 +29,7 @@ from torch import Tensor
 from rlhf_tts.config import AlignConfig
 from rlhf_tts.models.gradtts import diffusion
 from rlhf_tts.models.gradtts.model import GradTTS, Prior, TextBatch
-from rlhf_tts.rewards.base import ScoreRequest, ScoreResult
+from rlhf_tts.rewards.base import PoolLayout, ScoreRequest, ScoreResult
 
 ScoreFn = Callable[[ScoreRequest], ScoreResult]
 
@@ -214,6 +214,7 @@ class PreferenceBatch:
     pool: Tensor  # (P, k, n_feats, T) every candidate of the pair's pool; (P, 0, ...) unless the objective uses it
     pool_scores: Tensor  # (P, k) their scores; (P, 0) likewise
     window_start: Tensor  # (P,) first frame of the window the pool's candidates differ in; -1: they differ everywhere
+    window_frames: int = 0  # frames of that window (0: the candidates differ everywhere)
     version: int = 0
     rollout_id: str = ""
     stats: dict[str, float] = field(default_factory=dict)
@@ -317,6 +318,7 @@ def rollout(
             durations=prior.durations.repeat_interleave(k, 0),
             mu=prior.mu.repeat_interleave(k, 0) if send_condition else None,
             speaker=prior.speaker.repeat_interleave(k, 0) if send_condition else None,
+            pools=None if window is None else PoolLayout(k, starts, window),
         ))
         scores = result.scores.to(device).reshape(batch, k).T  # (k, B)
         scored += batch * k
@@ -357,7 +359,7 @@ def rollout(
             "trajectory": prior.lengths, "step": prior.lengths,
             "pool": x.unsqueeze(1)[:, :0], "pool_scores": prior.lengths.float().unsqueeze(1)[:, :0],
             "window_start": prior.lengths}
-    pairs = PreferenceBatch(**{key: _concat(parts, key, like[key]) for key in like},
+    pairs = PreferenceBatch(**{key: _concat(parts, key, like[key]) for key in like}, window_frames=window or 0,
                             version=version, rollout_id=rollout_id, stats=stats)
     return RolloutResult(pairs, x, prior)
 
