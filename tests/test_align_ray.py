@@ -142,6 +142,39 @@ def test_one_version_of_lag_in_either_loop_trains_on_the_pairs_of_two_rollouts_i
     assert no_lag["r0"] == digests["r0"] and no_lag["r1"] != digests["r1"]
 
 
+def test_weights_broadcast_every_second_update_give_the_same_pairs_in_either_loop(prepared):
+    """`align.sync_every=2`: rollouts keep a version for two updates, through the in-process loop's rollout
+    copy and through the Ray loop's broadcasts alike; the pairs differ from syncing every update."""
+    from actors.orchestrator import run_ray_alignment
+    from rlhf_tts.training.align import LearnerCore, aligned_model_location, run_inprocess_alignment
+
+    def trained(cfg) -> tuple[dict, dict]:  # noqa: ANN001
+        core = LearnerCore(cfg, aligned_model_location(cfg), resume=True)
+        return (dict(core.ledger.pair_digests),
+                {k: v.clone() for k, v in core.learner.policy.decoder.state_dict().items()})
+
+    every_second = _cfg(prepared, "align.steps=4", "align.sync_every=2")
+    every = _cfg(prepared, "align.steps=4")
+    location = aligned_model_location(every_second)
+    shutil.rmtree(location.directory, ignore_errors=True)
+    run_ray_alignment(every_second)
+    ray_digests, ray_weights = trained(every_second)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors run single-threaded; float sums must be ordered the same
+    try:
+        shutil.rmtree(location.directory)
+        run_inprocess_alignment(every_second)
+        local_digests, local_weights = trained(every_second)
+        shutil.rmtree(aligned_model_location(every).directory, ignore_errors=True)
+        run_inprocess_alignment(every)
+        every_digests, _ = trained(every)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(ray_digests) == 4 and ray_digests == local_digests
+    assert all(torch.equal(local_weights[k], v) for k, v in ray_weights.items())
+    assert every_digests["r0"] == ray_digests["r0"] and every_digests["r1"] != ray_digests["r1"]  # r1: still version 0
+
+
 def test_killing_rollout_reward_and_learner_actors_mid_run(prepared):
     from actors.orchestrator import run_ray_alignment
     from rlhf_tts.training.align import aligned_model_location
