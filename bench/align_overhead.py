@@ -1,12 +1,17 @@
 """Ray's overhead on EASPO, measured in one run on one config.
 
-    python bench/align_overhead.py [--preset tiny] [--steps 12] [key=value ...]
+    python bench/align_overhead.py [--preset tiny] [--steps 12] [--rounds 3] [--warm-driver] [key=value ...]
 
 1. Pairs per second of the Ray loop (one rollout actor, reward actor, learner actor) over the
    in-process loop (the same functions in one process). Target ≥ 0.8. Both are timed from the
    first rollout to the last update (`summary["seconds"]`: models loaded, actors alive), `--rounds`
    runs each in alternating order (a shared machine's speed drifts by 20 % within minutes), pooled;
    the wall time including Ray's start-up is printed beside it, and where each loop's time went.
+   Each in-process run gets a fresh process, as each Ray run gets fresh actors (and as the main job
+   runs one alignment per process): a process's first rollouts pay oneDNN's set-up of each new
+   tensor shape, and a driver that ran the same prompts before runs them ~20 % faster (with
+   `ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` every run is as slow as the first). `--warm-driver` runs the
+   in-process loop in this process instead, the comparison earlier versions printed.
 2. Reward scoring throughput of the reward actor with dynamic batching over the same actor scoring
    each request alone (`reward_max_batch=1`), for 256 one-candidate requests sent concurrently, as
    many rollout actors would; both with the config's `distributed.reward_num_cpus`. Target ≥ 2.
@@ -20,10 +25,22 @@ main job's 40), so nothing is reused between runs.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
+
+
+def _inprocess_run(cfg_json: dict) -> tuple[dict, float]:
+    """One in-process alignment in a fresh (spawned) process: (its summary, seconds with model loading)."""
+    from rlhf_tts.config import RunConfig
+    from rlhf_tts.training.align import run_inprocess_alignment
+
+    start = time.monotonic()
+    _, summary = run_inprocess_alignment(RunConfig.model_validate(cfg_json))
+    return summary, time.monotonic() - start
 
 
 def main() -> None:
@@ -32,6 +49,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=3, help="runs of each loop, in alternating order")
     parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--warm-driver", action="store_true",
+                        help="run the in-process loop in this process (warm after its first run), not a fresh one")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
@@ -61,6 +80,10 @@ def main() -> None:
 
         def timed(label: str) -> None:
             shutil.rmtree(location.directory, ignore_errors=True)  # nothing reused between runs
+            if label == "in-process" and not args.warm_driver:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh:
+                    runs[label].append(fresh.submit(_inprocess_run, cfg.model_dump(mode="json")).result())
+                return
             start = time.monotonic()
             _, summary = (run_inprocess_alignment if label == "in-process" else run_ray_alignment)(cfg)
             runs[label].append((summary, time.monotonic() - start))
@@ -87,6 +110,13 @@ def main() -> None:
                   f"{sum(pairs(s, 'pairs_dropped_stale') for s, _ in done)} dropped as stale")
             parts = {k: sum(s["time_breakdown"][k] for s, _ in done) for k in done[0][0]["time_breakdown"]}
             print(f"{'':10s}  seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in parts.items()))
+        # Each round's own ratio (its two runs back to back): their spread says how far the pooled ratio can be read.
+        per_round = [pairs(ray_summary, "pairs_produced") / ray_summary["seconds"]
+                     / (pairs(local_summary, "pairs_produced") / local_summary["seconds"])
+                     for (local_summary, _), (ray_summary, _) in zip(runs["in-process"], runs["Ray loop"])]
+        print("Ray / in-process per round: " + ", ".join(f"{r:.2f}" for r in per_round)
+              + (f" (mean {sum(per_round) / len(per_round):.2f}, standard error "
+                 f"{torch.tensor(per_round).std().item() / len(per_round) ** 0.5:.2f})" if len(per_round) > 1 else ""))
         remote = runs["Ray loop"][-1][0]
         print(f"reward batching in the Ray loop: {remote['reward_batching']['mean_batch']:.1f} candidates/call")
         print(f"RATIO Ray / in-process pairs/s: {rate['Ray loop'] / rate['in-process']:.2f} (target >= 0.8)")

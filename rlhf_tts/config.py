@@ -475,7 +475,7 @@ class DistributedConfig(_Strict):
     actor_niceness: int = Field(
         0, ge=0, le=19, description="niceness of the actors' processes; Ray's default for its workers is 15, which "
         "lets the driver's and Ray's own threads preempt the rollout actor's torch threads: with it the Ray loop ran "
-        "at 0.73 of the in-process loop's pairs/s on 2 cores, 0.79-0.82 with 0 (bench/align_overhead.py)")
+        "at 0.73 of the in-process loop's pairs/s on 2 cores, 0.79-0.82 with 0 (bench/align_overhead.py --warm-driver)")
     mode: Literal["ray", "local"] = Field("ray", description="local: the in-process loop, same functions, no Ray")
 
 
@@ -654,7 +654,8 @@ PRESETS: dict[str, dict[str, Any]] = {
              # another, each on both cores of a 2-core machine. Overlapping the learner's update with the next
              # rollout (max_in_flight 2) put three threads on two cores and slowed both: the Ray loop ran at
              # 0.68-0.78 of the in-process loop's pairs/s; one after another, with distributed.actor_niceness 0,
-             # 0.79 over three alternating runs of each (bench/align_overhead.py, README).
+             # 0.79 over three alternating runs of each against a warm driver, 0.90 against fresh in-process
+             # processes (bench/align_overhead.py, README).
              # The overlap's one-version lag stays (align.policy_lag=1): every tiny result was measured with it,
              # and without it the nine (base, alignment) seed cells' mean Emo SIM gain fell from +1.2 to -1.9 (README).
              "distributed": {"rollout_num_cpus": 2.0, "reward_num_cpus": 2.0, "learner_num_cpus": 2.0,
