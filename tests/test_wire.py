@@ -71,6 +71,8 @@ def test_packed_preference_batches_rebuild_bit_for_bit_in_fewer_bytes():
     frames = batch.x_t.shape[-1]
     assert frames > 8 and packed.batch.pool.numel() * frames == batch.pool.numel() * 8  # a pool's windows only
     assert len(pickle.dumps(packed)) < len(pickle.dumps(batch)) - batch.pool.numel() * 4 * (frames - 8) / frames * 0.9
+    # a batch the learner has cut to its crop no longer knows where its window is: it travels whole
+    assert pack_batch(easpo.crop_pairs(batch, 8, torch.Generator().manual_seed(0))).__class__ is easpo.PreferenceBatch
 
 
 def test_pack_leaves_requests_and_batches_without_windows_alone():

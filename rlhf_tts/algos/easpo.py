@@ -400,6 +400,7 @@ def crop_pairs(pairs: PreferenceBatch, frames: int, generator: torch.Generator,
     moved = {f.name: getattr(pairs, f.name) for f in fields(pairs)}
     for name in ("x_t", "mu", "mask", "x_win", "x_lose", "pool"):
         moved[name] = cut(moved[name])
+    moved["window_frames"] = 0  # window_start counts frames of the uncut utterance: no longer this batch's window
     return PreferenceBatch(**moved)
 
 
