@@ -7,9 +7,9 @@ actor sends each pool's common part once plus every candidate's window; the rewa
 rebuild the tensors bit for bit before any computation sees them (tested), so packing changes bytes
 on the wire, never a score, a pair or a digest. Anything without windows passes as is.
 
-On one machine the bytes are cheap (a 15.7 MB request cost ~11 ms of transport per call; the Ray/
-in-process ratio of `bench/align_overhead.py --warm-driver` stayed at 0.79 with packing); between
-nodes of a cluster they cross the network, once per sampler step in range per rollout actor.
+On one machine the bytes are cheap (the Ray/in-process ratio of `bench/align_overhead.py --warm-driver`
+stayed at 0.79 with packing); between nodes of a cluster they cross the network, once per sampler
+step in range per rollout actor.
 """
 
 from __future__ import annotations

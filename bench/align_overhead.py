@@ -9,8 +9,8 @@
    the wall time including Ray's start-up is printed beside it, and where each loop's time went.
    Each in-process run gets a fresh process, as each Ray run gets fresh actors (and as the main job
    runs one alignment per process): a process's first rollouts pay oneDNN's set-up of each new
-   tensor shape, and a driver that ran the same prompts before runs them ~20 % faster (with
-   `ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` every run is as slow as the first). `--warm-driver` runs the
+   tensor shape, and a driver that ran the same prompts before runs them ~20 % faster
+   (`bench/process_warmup.py` measures it). `--warm-driver` runs the
    in-process loop in this process instead, the comparison earlier versions printed.
 2. Reward scoring throughput of the reward actor with dynamic batching over the same actor scoring
    each request alone (`reward_max_batch=1`), for 256 one-candidate requests sent concurrently, as
