@@ -14,7 +14,7 @@ import torch
 
 from rlhf_tts.config import RunConfig
 from rlhf_tts.data.frontend import UNK, FrontendError, phonemize
-from rlhf_tts.models.gradtts.model import GradTTS, TextBatch
+from rlhf_tts.models.gradtts.model import GradTTS, OutputLevel, TextBatch
 from rlhf_tts.errors import InputError
 from rlhf_tts.training.data import Vocabulary
 from rlhf_tts.training.pretrain import BaseModel, base_model_location
@@ -90,14 +90,16 @@ class Synthesizer:
     @torch.no_grad()
     def mels(self, items: list[PreparedText], n_steps: int | None = None, temperature: float | None = None,
              stochastic: bool = False, guidance: float = 1.0, length_scale: float = 1.0,
-             generator: torch.Generator | None = None, durations: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """Mels of prepared texts; steps and temperature default to the model config's `evaluate.*`
-        (what its evaluation report measured)."""
+             generator: torch.Generator | None = None, durations: torch.Tensor | None = None,
+             output_level: OutputLevel | None = None) -> list[torch.Tensor]:
+        """Mels of prepared texts; steps, temperature and output level default to the model config's
+        `evaluate.*` (what its evaluation report measured)."""
         n_steps = self.cfg.evaluate.sampler_steps if n_steps is None else n_steps
         temperature = self.cfg.evaluate.temperature if temperature is None else temperature
+        output_level = self.cfg.evaluate.output_level if output_level is None else output_level
         batch = text_batch(items).to(self.device)
         prior = self.model.encode(batch, durations=durations, length_scale=length_scale)
-        mel = self.model.sample(prior, n_steps, temperature, stochastic, guidance, generator)
+        mel = self.model.sample(prior, n_steps, temperature, stochastic, guidance, generator, output_level)
         return [m[:, : int(n)] for m, n in zip(mel, prior.lengths)]
 
     def speak(self, items: list[PreparedText], **kwargs) -> list[np.ndarray]:  # noqa: ANN003 - forwarded to mels

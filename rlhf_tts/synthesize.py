@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
                         "evaluation report measured)")
     parser.add_argument("--temperature", type=float,
                         help="X_1 ~ N(mu, I/temperature) (default: the config's evaluate.temperature)")
+    parser.add_argument("--output-level", choices=["decoder", "prior"],
+                        help="each mel band's level: the sampler's (decoder, Grad-TTS) or the encoder's mu's (prior) "
+                        "(default: the config's evaluate.output_level)")
     parser.add_argument("--stochastic", action="store_true", help="Euler-Maruyama instead of the probability-flow ODE")
     parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = off)")
     parser.add_argument("--length-scale", type=float, default=1.0, help=">1 speaks slower")
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         args.steps = cfg.evaluate.sampler_steps if args.steps is None else args.steps
         args.temperature = cfg.evaluate.temperature if args.temperature is None else args.temperature
+        args.output_level = args.output_level or cfg.evaluate.output_level
         if args.steps < 1 or args.temperature <= 0 or args.length_scale <= 0:
             raise InputError("--steps must be >= 1, --temperature and --length-scale > 0")
         if args.vocoder == "hifigan" and not args.hifigan:
@@ -114,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     for request, item in zip(requests, prepared):
         audio = synthesizer.speak([item], n_steps=args.steps, temperature=args.temperature, stochastic=args.stochastic,
-                                  guidance=args.guidance, length_scale=args.length_scale, generator=generator)[0]
+                                  guidance=args.guidance, length_scale=args.length_scale, generator=generator,
+                                  output_level=args.output_level)[0]
         request.out.parent.mkdir(parents=True, exist_ok=True)
         sf.write(request.out, audio, synthesizer.sample_rate, subtype="PCM_16")
         print(f"{request.out}  ({request.emotion}, speaker {item.speaker_name}, {len(audio) / synthesizer.sample_rate:.2f} s)")

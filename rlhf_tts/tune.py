@@ -142,7 +142,8 @@ def easpm_emotion_metrics(cfg: RunConfig, policy: Any, vocab: Any, n_utterances:
             prior = policy.encode(text)
             generator = torch.Generator(device=device).manual_seed(cfg.seed)
             mel = policy.sample(prior, n_steps=cfg.align.sampler_steps, temperature=cfg.align.temperature,
-                                stochastic=False, guidance=cfg.align.guidance, generator=generator)
+                                stochastic=False, guidance=cfg.align.guidance, generator=generator,
+                                output_level=cfg.evaluate.output_level)
             prompts = easpm.embed_prompts([easpm.default_prompts()[easpm.emotions.index(e)] for e in vocab.emotions])
             logits = easpm.logits(easpm.embed_audio(mel, prior.mask, 0.0), prompts).float().cpu()
     finally:

@@ -375,6 +375,13 @@ def test_model_synthesis_uses_the_configured_sampler():
                                 [generator])[0, :, : int(prior.lengths[0])]
         assert ode[u.utt_id].shape == tuple(expected.shape)
         assert float(np.abs(ode[u.utt_id] - expected.numpy()).max()) <= 1e-4 * float(np.abs(expected.numpy()).max())
+    # evaluate.output_level=prior reaches the synthesis: each band's level is the utterance's mu's
+    leveled = mels("evaluate.output_level=prior")
+    for u in utterances:
+        prior = model.encode(utterance_text_batch([u], [vocab.symbols.ids(u.row["phonemes"])], vocab))
+        mu_level = prior.mu[0, :, : int(prior.lengths[0])].mean(-1).detach().numpy()
+        assert np.allclose(leveled[u.utt_id].mean(-1), mu_level, atol=1e-4)
+        assert not np.allclose(ode[u.utt_id].mean(-1), mu_level, atol=1e-2)
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
@@ -458,6 +465,7 @@ def test_a_cached_row_is_neither_produced_nor_judged_again_and_reads_back_the_sa
 
     assert model_key() == model_key(synthesis_workers=3)
     assert model_key() != model_key(temperature=1.5) and model_key() != model_key(sampler_steps=7)
+    assert model_key() != model_key(output_level="prior")
 
 
 def test_shared_tasks_split_between_the_background_thread_and_the_caller_keep_their_order():

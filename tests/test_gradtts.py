@@ -138,6 +138,25 @@ def test_an_items_score_does_not_depend_on_the_padding_of_its_batch():
             torch.testing.assert_close(model.score(garbage, t, both)[1, :, :8], padded, rtol=1e-4, atol=1e-5)
 
 
+def test_prior_output_level_gives_each_band_mus_mean_and_keeps_the_decoders_contour():
+    """`output_level="prior"`: per utterance and mel band, the mean over real frames is mu's; every frame
+    of a band moves by one offset (the contour within the band is the sampler's); padding stays zero."""
+    model = tiny_model()
+    prior = model.encode(text_batch(2))
+    assert int(prior.lengths[0]) != int(prior.lengths[1])  # one padded item
+    decoder = model.sample(prior, 4, generator=torch.Generator().manual_seed(3))
+    leveled = model.sample(prior, 4, generator=torch.Generator().manual_seed(3), output_level="prior")
+    for row in range(2):
+        n = int(prior.lengths[row])
+        torch.testing.assert_close(leveled[row, :, :n].mean(-1), prior.mu[row, :, :n].mean(-1), atol=1e-5, rtol=0)
+        shift = leveled[row, :, :n] - decoder[row, :, :n]
+        torch.testing.assert_close(shift, shift[:, :1].expand_as(shift), atol=1e-5, rtol=0)
+        assert float(shift.abs().mean()) > 1e-3  # the untrained decoder's level is not mu's: the offset is real
+        assert float(leveled[row, :, n:].abs().sum()) == 0.0
+    with pytest.raises(ValueError, match="output_level"):
+        model.sample(prior, 2, output_level="encoder")
+
+
 def test_prior_durations_alignment_and_word_spans():
     model = tiny_model()
     text = text_batch(2)

@@ -129,7 +129,7 @@ def test_synthesize_every_emotion_and_speaker(trained_smoke, tmp_path):
 
 
 def test_synthesize_defaults_to_what_the_report_measured(trained_smoke, tmp_path):
-    """No --steps/--temperature: the config's evaluate.sampler_steps and evaluate.temperature (smoke: 4, 1.2)."""
+    """No --steps/--temperature/--output-level: the config's evaluate.* (smoke: 4 steps, 1.2, decoder)."""
     def speak(name, *extra):
         result = _synth(trained_smoke, "--text", "Hello there.", "--out", str(tmp_path / name), *extra)
         assert result.returncode == 0, result.stderr
@@ -139,6 +139,10 @@ def test_synthesize_defaults_to_what_the_report_measured(trained_smoke, tmp_path
     np.testing.assert_array_equal(default, speak("explicit.wav", "--steps", "4", "--temperature", "1.2"))
     assert not np.array_equal(default, speak("hotter.wav", "--temperature", "1.5"))
     assert not np.array_equal(default, speak("longer.wav", "--steps", "6"))
+    # the output level: the config's evaluate.output_level unless --output-level says otherwise
+    leveled = speak("prior.wav", "--output-level", "prior")
+    assert not np.array_equal(default, leveled)
+    np.testing.assert_array_equal(leveled, speak("prior_cfg.wav", "evaluate.output_level=prior"))
 
 
 @pytest.mark.parametrize(("args", "message"), [

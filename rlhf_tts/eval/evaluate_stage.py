@@ -122,6 +122,7 @@ def _run_evaluation(cfg: RunConfig, progress, tracker, base, aligned, extra, deg
     info = {"judges_setup_seconds": round(setup, 2), "vocoder": ev.vocoder, "sampler_steps": ev.sampler_steps,
             "dnsmos_utterances": len(judges.dnsmos_ids(utterances)) if judges.dnsmos is not None else 0,
             "temperature": ev.temperature, "guidance": ev.guidance, "stochastic": ev.stochastic, "durations": ev.durations,
+            "output_level": ev.output_level,
             "recognizer": getattr(judges.recognizer, "name", None), "torch_threads": torch.get_num_threads(),
             "notes": notes}
     report = evaluate_systems(systems, utterances, judges, split=ev.split, resamples=ev.bootstrap,

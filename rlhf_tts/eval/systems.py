@@ -39,7 +39,7 @@ SYNTHESIS_VERSION = 2  # 2: per-utterance sampling noise (`utterance_generator`)
 #: `evaluate.*` fields that change what a model system synthesises (and nothing else's row): they key model
 #: rows only, so that e.g. another temperature does not recompute the recordings' and resynthesis rows.
 MODEL_SAMPLER_FIELDS = ("sampler_steps", "temperature", "guidance", "stochastic", "durations", "synthesis_batch",
-                        "seed")
+                        "seed", "output_level")
 RECORDINGS = "recordings"
 
 
@@ -343,7 +343,8 @@ def _synthesize_batch(model, vocab, items: Sequence[EvalUtterance], ids: Sequenc
         durations = model.ground_truth_durations(text, mel, torch.tensor([u.n_frames for u in items], device=device))
     prior = model.encode(text, durations=durations)
     generators = [utterance_generator(ev.seed, u.utt_id, device) for u in items]
-    sampled = model.sample(prior, ev.sampler_steps, ev.temperature, ev.stochastic, ev.guidance, generators)
+    sampled = model.sample(prior, ev.sampler_steps, ev.temperature, ev.stochastic, ev.guidance, generators,
+                           ev.output_level)
     return [(u.utt_id, sampled[row, :, : int(prior.lengths[row])].cpu().numpy(),
              prior.word_frame_spans[row] if prior.word_frame_spans else None) for row, u in enumerate(items)]
 

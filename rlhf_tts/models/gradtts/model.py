@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence, Union
+from typing import Literal, Sequence, Union
 
 import torch
 from torch import nn
@@ -76,6 +76,7 @@ def word_frame_spans(word_spans: list[list[tuple[int, int]]], durations: Tensor)
 
 
 Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+OutputLevel = Literal["decoder", "prior"]
 
 
 def item_noise(like: Tensor, lengths: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
@@ -219,12 +220,14 @@ class GradTTS(nn.Module):
     @torch.no_grad()
     def sample(
         self, prior: Prior, n_steps: int, temperature: float = 1.5, stochastic: bool = False,
-        guidance: float = 1.0, generator: Generators = None,
+        guidance: float = 1.0, generator: Generators = None, output_level: OutputLevel = "decoder",
     ) -> Tensor:
         """Reverse diffusion from X_1 in n_steps at midpoints t_i = 1 - (i + 0.5) h (Grad-TTS).
 
         `generator` may be one generator per batch item: then each item's noise is its own (see
         `item_noise`) and its sample does not depend on what it is batched with, or on batch order.
+        `output_level="prior"` gives each mel band of the result mu's mean level
+        (`diffusion.prior_band_levels`); "decoder" (Grad-TTS) leaves the sampler's.
         """
         h = 1.0 / n_steps
         x = self.initial_state(prior, temperature, generator)
@@ -235,6 +238,10 @@ class GradTTS(nn.Module):
                 x = (mean + torch.sqrt(variance) * _noise(prior, generator)) * prior.mask
             else:
                 x = self.ode_step(x, t, h, prior, guidance)
+        if output_level == "prior":
+            x = diffusion.prior_band_levels(x, prior.mu, prior.mask)
+        elif output_level != "decoder":
+            raise ValueError(f"output_level: {output_level!r} is not 'decoder' or 'prior'")
         return x
 
     def ode_step(self, x_t: Tensor, t: Tensor | float, h: float, prior: Prior, guidance: float = 1.0) -> Tensor:
