@@ -66,6 +66,11 @@ def test_shipped_spaces_load_and_hold_the_paper_ablations():
     assert drift.grid_size() == 18 and drift.space["align.plain_steps"].values == ("stochastic", "ode")
     trial = drift.resolve({"align.level_anchor": 10.0, "align.plain_steps": "ode", "align.seed": 1}).align
     assert (trial.level_anchor, trial.plain_steps, trial.candidate_level, trial.seed) == (10.0, "ode", "band", 1)
+    # level_control judges every trial at the prior's level (the Tune metric reads cfg.evaluate)
+    control = spaces["level_control"]
+    assert control.grid_size() == 12
+    trial = control.resolve({"align.level_anchor": 30.0, "align.seed": 2})
+    assert (trial.evaluate.output_level, trial.align.level_anchor, trial.align.seed) == ("prior", 30.0, 2)
 
 
 @pytest.mark.parametrize("text,fragment", [
