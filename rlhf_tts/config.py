@@ -391,8 +391,9 @@ class AlignConfig(_Strict):
         0.0, ge=0.0, description="weight of the step's KL to the reference along each mel band's mean "
         "(easpo.band_level_kl): a KL penalty only where the reward cannot see, against the decoder's level drifting "
         "as a side effect (not the paper's; 0: off). At 100, judged with evaluate.output_level=prior, the main job's "
-        "cell gave +3.2, +2.9, +3.0 Emo SIM over three rounding-only draws, and the seed-1 base model lost its "
-        "recall gain (docs/findings.md, *The level is the judge's lever*)")
+        "cell gave +3.2, +2.9, +3.0 Emo SIM over three rounding-only draws (its other alignment seeds -4.1 and "
+        "+0.9 at 80 updates), and the seed-1 base model lost its recall gain (docs/findings.md, *The level is "
+        "the judge's lever*)")
     level_target: float = Field(
         0.0, ge=0.0, description="weight of the squared gap, per mel band, between the level of the policy's one-step "
         "clean estimate and the encoder's mu (easpo.prior_level_gap; mu is Grad-TTS's frame-wise mean of the mel): "
