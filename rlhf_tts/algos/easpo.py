@@ -463,12 +463,6 @@ def step_log_ratios(policy: GradTTS, reference: GradTTS, pairs: PreferenceBatch,
     return StepLogRatios(l_w, l_l, l_pool, band_kl, gap, rho_sq)
 
 
-def band_means(x: Tensor, mask: Tensor) -> Tensor:
-    """(P, n_feats, T) → (P, n_feats): each mel band's mean over the masked frames."""
-    m = mask.to(x.dtype)
-    return (x * m).sum(dim=-1) / m.sum(dim=(1, 2)).clamp_min(1.0).unsqueeze(1)
-
-
 def prior_level_gap(x_t: Tensor, mu: Tensor, score: Tensor, t: Tensor, mask: Tensor, beta_min: float,
                     beta_max: float) -> Tensor:
     """(P, n_feats): per mel band, the level of the policy's one-step clean estimate (Tweedie's) minus mu's.
@@ -480,7 +474,7 @@ def prior_level_gap(x_t: Tensor, mu: Tensor, score: Tensor, t: Tensor, mask: Ten
     the decoder through the score only: x_t and mu are inputs.
     """
     x0 = diffusion.x0_estimate(x_t, mu, score, t.reshape(-1), beta_min, beta_max)
-    return band_means(x0 - mu, mask)
+    return diffusion.band_means(x0 - mu, mask)
 
 
 def level_target_penalty(ratios: StepLogRatios) -> Tensor:
@@ -505,7 +499,7 @@ def band_level_kl(mean: Tensor, ref_mean: Tensor, variance: Tensor | float, mask
     if variance.dim() == 1:
         variance = variance.reshape(-1, 1)
     frames = mask.to(mean.dtype).sum(dim=(1, 2)).clamp_min(1.0)  # (P,)
-    shift = band_means(mean - ref_mean, mask)  # (P, n_feats)
+    shift = diffusion.band_means(mean - ref_mean, mask)  # (P, n_feats)
     kl = (frames.unsqueeze(1) * shift.pow(2) / (2.0 * variance)).sum(dim=1)
     if reduce == "sum":
         return kl

@@ -104,6 +104,10 @@ def prior_band_levels(x: Tensor, mu: Tensor, mask: Tensor) -> Tensor:
     *The level is the judge's lever*). This keeps the decoder's contour within each band (every frame
     moves by the band's one offset) and takes the band's level from mu. Padded frames stay zero.
     """
-    frames = mask.sum(-1, keepdim=True).clamp(min=1.0)
-    offset = ((mu - x) * mask).sum(-1, keepdim=True) / frames
-    return (x + offset) * mask
+    return (x + band_means(mu - x, mask).unsqueeze(-1)) * mask
+
+
+def band_means(x: Tensor, mask: Tensor) -> Tensor:
+    """(B, n_feats, T) → (B, n_feats): each mel band's mean over the masked frames."""
+    m = mask.to(x.dtype)
+    return (x * m).sum(dim=-1) / m.sum(dim=(1, 2)).clamp_min(1.0).unsqueeze(1)
